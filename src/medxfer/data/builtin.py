@@ -1,0 +1,1 @@
+"""Imports every built-in adapter module so that it registers itself."""

@@ -1,0 +1,144 @@
+"""The dataset contract: one table of records plus a DatasetInfo.
+
+Every adapter (official layouts, generic folder/CSV/MedMNIST, synthetic) returns a
+:class:`Dataset`. Records are aligned row for row with everything derived from them
+(prepared images, features), so the record index is the address used by every stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: where it is, its label index, its split, and what is known about it.
+
+    ``path`` is an absolute file path, or ``"<file>#<key>/<index>"`` for images stored inside
+    an array file (MedMNIST); :func:`medxfer.data.images.open_image` reads both.
+    """
+
+    path: str
+    label: int
+    split: str = "train"
+    patient: str | None = None
+    study: str | None = None
+    view: str | None = None
+    eye: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is: task, classes, expected size, domain, licence, paper settings."""
+
+    name: str
+    task: str  # "binary" | "multiclass"
+    class_names: tuple[str, ...]
+    modality: str = "other"  # "chest-xray" | "fundus" | "histology" | "other"
+    in_domain: bool = False  # chest X-ray, the domain of the domain-specific models
+    expected_images: int | None = None  # in the full official release
+    licence: str = "unknown"
+    citation: str = ""
+    fewshot_way: int = 2  # the paper's few-shot setting (2-way or 5-way)
+    fewshot_shot: int = 20
+    headline_metric: str = "accuracy"  # many-shot headline ("mean_per_class_accuracy" for EyePACS)
+    layout: str = ""  # the folder to point at, for help texts
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Dataset:
+    """Records + info + what went wrong while reading them.
+
+    ``options`` holds every adapter option that changes the records (label policy, view
+    filter, split mode, seed); it is part of :meth:`fingerprint`. ``problems`` lists
+    human-readable messages about skipped rows/files (only non-empty with ``skip_bad``
+    or for reported-but-harmless issues such as label rows without images).
+    ``pairs`` are record-index pairs for multi-view invariance (or None when the dataset
+    has no notion of pairs).
+    """
+
+    info: DatasetInfo
+    records: list[Record]
+    root: str
+    options: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    pairs: list[tuple[int, int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class name (classes with zero images included)."""
+        out: dict[str, dict[str, int]] = {}
+        c = Counter((r.split, r.label) for r in self.records)
+        for split in sorted({r.split for r in self.records}, key=_split_order):
+            out[split] = {name: c.get((split, i), 0) for i, name in enumerate(self.info.class_names)}
+        return out
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, r in enumerate(self.records) if r.split == split]
+
+    def fingerprint(self, stat_files: bool = True) -> str:
+        """A hash of everything that determines this dataset's content.
+
+        Covers the records (path, label, split, metadata), the adapter options, and each
+        file's size and modification time (so a replaced image invalidates caches).
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps({"name": self.info.name, "classes": self.info.class_names,
+                             "options": self.options}, sort_keys=True, default=str).encode())
+        stat_cache: dict[str, tuple[int, int]] = {}
+        for r in self.records:
+            h.update(json.dumps(asdict(r), sort_keys=True).encode())
+            if stat_files:
+                f = r.path.split("#", 1)[0]
+                if f not in stat_cache:
+                    try:
+                        st = os.stat(f)
+                        stat_cache[f] = (st.st_size, st.st_mtime_ns)
+                    except OSError:
+                        stat_cache[f] = (-1, -1)
+                h.update(repr(stat_cache[f]).encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        """The ``validate --json`` object."""
+        return {
+            "dataset": self.info.name,
+            "total": len(self.records),
+            "counts": self.counts(),
+            "pairs": None if self.pairs is None else len(self.pairs),
+            "problems": list(self.problems),
+        }
+
+
+def _split_order(s: str) -> tuple[int, str]:
+    return (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used as given; the message names the file, row or key."""
+
+
+def check_inside(root: Path, candidate: Path, where: str) -> Path:
+    """Resolve ``candidate`` and refuse paths that escape ``root`` (CSV path traversal)."""
+    root_r = root.resolve()
+    cand_r = candidate.resolve()
+    if cand_r != root_r and root_r not in cand_r.parents:
+        raise DatasetError(f"{where}: path {str(candidate)!r} escapes the dataset folder {str(root_r)!r}")
+    return cand_r

@@ -1,0 +1,78 @@
+"""Per-model input normalisation, applied on the device to batches of prepared uint8 crops.
+
+Every function takes a uint8 tensor B x C x H x W (C = 1 or 3) and returns float32
+B x 3 x H x W ready for the trunk. Greyscale is stacked to 3 channels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from medxfer.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHEXPERT_MEAN = 0.5020  # MoCo-CXR's native CheXpert statistics
+CHEXPERT_STD = 0.085585
+
+Normalizer = Callable[[torch.Tensor], torch.Tensor]
+NORMALIZATIONS: Registry[Normalizer] = Registry("normalization")
+
+
+def to_rgb_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 B x C x H x W -> float32 in [0,1], 3 channels."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected B x (1|3) x H x W, got {tuple(x.shape)}")
+    xf = x.float().div_(255.0)
+    if xf.shape[1] == 1:
+        xf = xf.expand(-1, 3, -1, -1)
+    return xf
+
+
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...]) -> Normalizer:
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        xf = to_rgb_float(x)
+        m = torch.tensor(mean, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
+        return (xf - m) / s
+
+    return norm
+
+
+def histogram_equalize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel histogram equalisation of uint8 images to float [0, 255].
+
+    Each image's values are mapped through its own empirical CDF:
+    ``out = (cdf(v) - cdf_min) / (N - cdf_min) * 255`` where ``cdf_min`` is the count of the
+    darkest present value (the classic formula), so the darkest pixel maps to 0 and the
+    brightest to 255; a constant image maps to 0.
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    b, c, h, w = x.shape
+    flat = x.reshape(b * c, h * w).long()
+    hist = torch.zeros(b * c, 256, dtype=torch.float64, device=x.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    cdf = hist.cumsum(1)
+    n = float(h * w)
+    # count of the smallest value present = first non-zero cdf entry
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float("inf"))).min(1, keepdim=True).values
+    denom = (n - cdf_min).clamp_min(1.0)
+    lut = ((cdf - cdf_min) / denom * 255.0).clamp_(0.0, 255.0)
+    out = torch.gather(lut, 1, flat).float().reshape(b, c, h, w)
+    if c == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return out
+
+
+NORMALIZATIONS.register("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
+NORMALIZATIONS.register("none", to_rgb_float, aliases=("raw",))
+NORMALIZATIONS.register("histeq", histogram_equalize, aliases=("histogram-equalization",))
+NORMALIZATIONS.register("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
+
+
+def get_normalizer(name: str) -> Normalizer:
+    return NORMALIZATIONS.get(name)
