@@ -26,6 +26,7 @@ class FeatureSet:
     model: str
     dataset: str
     key: str = ""
+    headline_metric: str = "accuracy"  # the dataset's many-shot headline metric
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -48,6 +48,7 @@ class DatasetInfo:
     citation: str = ""
     fewshot_way: int = 2  # the paper's few-shot setting (2-way or 5-way)
     fewshot_shot: int = 20
+    fewshot_pool: int | None = None  # few-shot draws from the first N train images (large sets); None = all
     headline_metric: str = "accuracy"  # many-shot headline ("mean_per_class_accuracy" for EyePACS)
     layout: str = ""  # the folder to point at, for help texts
 

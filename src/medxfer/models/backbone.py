@@ -39,6 +39,23 @@ def _densenet(factory: Callable[..., nn.Module]) -> TrunkBuilder:
     return build
 
 
+class TinyCNN(nn.Module):
+    """A 4-layer CNN (32-d features) for fast tests and demos; never a real backbone."""
+
+    def __init__(self, width: int = 16, out_dim: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 5, stride=4, padding=2), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, out_dim, 3, stride=2, padding=1), nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+ARCHS.register("tinycnn", TinyCNN)
 ARCHS.register("resnet50", _resnet(torchvision.models.resnet50))
 ARCHS.register("resnet18", _resnet(torchvision.models.resnet18))
 ARCHS.register("densenet121", _densenet(torchvision.models.densenet121))

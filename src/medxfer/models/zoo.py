@@ -39,3 +39,9 @@ SUPERVISED = (
 
 for _spec in SUPERVISED:
     register_model(_spec)
+
+# A dummy model for tests and quick checks (lm-evaluation-harness style): random weights only.
+register_model(ModelSpec(
+    name="test-tiny", arch="tinycnn", family="random", feature_dim=32, fmt="none",
+    licence="n/a (random weights)", notes="4-layer CNN for tests; has no pretrained weights",
+))
