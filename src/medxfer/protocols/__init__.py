@@ -1,0 +1,5 @@
+"""Evaluation protocols (registered in :data:`medxfer.protocols.base.PROTOCOLS`)."""
+from medxfer.protocols import fewshot  # noqa: F401  (registers "fewshot")
+from medxfer.protocols.base import PROTOCOLS, EvalResult, Protocol, register_protocol
+
+__all__ = ["PROTOCOLS", "EvalResult", "Protocol", "register_protocol"]
