@@ -35,7 +35,7 @@ def register_dataset(adapter: DatasetAdapter, aliases: tuple[str, ...] = ()) -> 
     return DATASETS.register(adapter.info.name, adapter, aliases=aliases)
 
 
-def load_dataset(name: str, root: str | os.PathLike[str], *, skip_bad: bool = False, **options: Any) -> Dataset:
+def load_dataset(name: str, root: str | os.PathLike[str], /, *, skip_bad: bool = False, **options: Any) -> Dataset:
     """Read dataset ``name`` (registered, or ``"folder"``/``"csv"``/``"medmnist"``) at ``root``."""
     adapter = DATASETS.get(name)
     unknown = sorted(set(options) - set(adapter.options))

@@ -1,0 +1,67 @@
+"""Assembling a :class:`Dataset` from records, and dropping bad records afterwards."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from medxfer.data.common import Issues
+from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
+from medxfer.data.splits import SplitFn, assign_splits, stratified_split
+
+PairFn = Callable[[list[Record]], list[tuple[int, int]]]
+
+
+def default_split_fn(seed: int, use_patients: bool = True) -> SplitFn:
+    """Seeded stratified 80/20 train/test, patient-level when records carry patient ids."""
+    def fn(records: list[Record]) -> list[str]:
+        groups = [r.patient for r in records] if use_patients else None
+        return stratified_split([r.label for r in records], groups, seed=seed)
+    return fn
+
+
+def keep_given_or(fallback: SplitFn, given: list[str | None]) -> SplitFn:
+    """Use the splits given by the layout (all records must have one), else ``fallback``."""
+    def fn(records: list[Record]) -> list[str]:
+        if given and all(s is not None for s in given):
+            return [s for s in given if s is not None]
+        return fallback(records)
+    return fn
+
+
+def finish_dataset(info: DatasetInfo, records: list[Record], root: Path, issues: Issues,
+                   options: dict[str, Any], *, split: str, default: SplitFn,
+                   paper: SplitFn | None = None, pairs: PairFn | None = None) -> Dataset:
+    """Assign splits, find pairs, raise or record problems, and build the Dataset."""
+    if not records and issues.n_bad == 0:
+        raise DatasetError(f"{root}: no images found for dataset {info.name!r}"
+                           + (f"; expected layout: {info.layout}" if info.layout else ""))
+    records, split_opts = assign_splits(records, root, split, issues, default=default, paper=paper)
+    problems = issues.finish()
+    if not records:
+        raise DatasetError(f"{root}: dataset {info.name!r} has no usable images left; problems:\n  "
+                           + "\n  ".join(problems[:20]))
+    present = {r.label for r in records}
+    missing = [info.class_names[i] for i in range(info.num_classes) if i not in present]
+    if missing:
+        problems.append(f"no images of class(es) {', '.join(missing)}")
+    opts = dict(options)
+    opts.update(split_opts)
+    return Dataset(info=info, records=records, root=str(root.resolve()), options=opts,
+                   problems=problems, pairs=pairs(records) if pairs is not None else None)
+
+
+def drop_records(dataset: Dataset, bad: Iterable[int], messages: Iterable[str] = ()) -> Dataset:
+    """A copy of ``dataset`` without the records at ``bad`` (pairs re-indexed, messages added)."""
+    bad_set = set(bad)
+    new_index: dict[int, int] = {}
+    kept: list[Record] = []
+    for i, r in enumerate(dataset.records):
+        if i not in bad_set:
+            new_index[i] = len(kept)
+            kept.append(r)
+    pairs = None
+    if dataset.pairs is not None:
+        pairs = [(new_index[a], new_index[b]) for a, b in dataset.pairs if a in new_index and b in new_index]
+    return Dataset(info=dataset.info, records=kept, root=dataset.root, options=dict(dataset.options),
+                   problems=list(dataset.problems) + list(messages), pairs=pairs)

@@ -1,0 +1,160 @@
+"""Helpers shared by the dataset adapters: problem collection, CSV reading, image listing."""
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from medxfer.data.records import DatasetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+MAX_LISTED = 50  # messages listed per kind of problem before summarising the rest
+
+
+class Issues:
+    """Collects what is wrong with a dataset while an adapter reads it.
+
+    ``bad`` marks a record that cannot be used (missing file, unknown label...): it is an
+    error, or with ``skip_bad`` a recorded skip. ``note`` records a harmless fact. Call
+    :meth:`finish` at the end: it raises one :class:`DatasetError` listing every error, or
+    returns the problem messages for ``Dataset.problems``.
+    """
+
+    def __init__(self, dataset: str, skip_bad: bool = False) -> None:
+        self.dataset = dataset
+        self.skip_bad = skip_bad
+        self._bad: dict[str, list[str]] = defaultdict(list)
+        self._notes: list[str] = []
+
+    def bad(self, message: str, kind: str = "bad record") -> None:
+        self._bad[kind].append(message)
+
+    def note(self, message: str) -> None:
+        self._notes.append(message)
+
+    @property
+    def n_bad(self) -> int:
+        return sum(len(v) for v in self._bad.values())
+
+    def _listed(self) -> list[str]:
+        out: list[str] = []
+        for kind, messages in self._bad.items():
+            out.extend(messages[:MAX_LISTED])
+            if len(messages) > MAX_LISTED:
+                out.append(f"... and {len(messages) - MAX_LISTED} more ({kind}, {len(messages)} in all)")
+        return out
+
+    def finish(self) -> list[str]:
+        """Raise if there were errors (unless skipping); else return the problem list."""
+        if self._bad and not self.skip_bad:
+            listed = "\n  ".join(self._listed())
+            raise DatasetError(
+                f"dataset {self.dataset!r}: {self.n_bad} problem(s) "
+                f"(pass skip_bad=True / --skip-bad to skip these records):\n  {listed}"
+            )
+        skipped = [f"skipped: {m}" if not m.startswith("... and") else m for m in self._listed()]
+        return list(self._notes) + skipped
+
+
+def read_csv_rows(path: Path, required: Iterable[str], header: bool = True,
+                  fieldnames: list[str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, row)`` from a CSV, checking the required columns first.
+
+    ``header=False`` reads a headerless file with the given ``fieldnames``. Line numbers are
+    1-based file lines, so messages can say ``file:line``.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open: {exc}") from exc
+    with f:
+        reader = csv.DictReader(f, fieldnames=None if header else fieldnames)
+        try:
+            columns = [c for c in (reader.fieldnames or [])]
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path}: not a readable CSV file: {exc}") from exc
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                f"found {', '.join(repr(c) for c in columns) or 'no columns'}"
+            )
+        try:
+            for row in reader:
+                if not any((v or "").strip() for k, v in row.items() if isinstance(v, str)):
+                    continue  # blank line
+                yield reader.line_num, {k: (v.strip() if isinstance(v, str) else "") for k, v in row.items() if k}
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path}:{reader.line_num}: cannot parse CSV: {exc}") from exc
+
+
+def csv_columns(path: Path) -> list[str]:
+    """The header of a CSV file (empty list when unreadable)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (hidden files and folders skipped), sorted."""
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+    walker = folder.rglob("*") if recursive else folder.iterdir()
+    for p in walker:
+        rel = p.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel):
+            continue
+        if p.is_file() and is_image(p):
+            found.append(p)
+    return sorted(found)
+
+
+def index_by_stem(folders: Iterable[Path], extensions: Iterable[str] | None = None) -> dict[str, Path]:
+    """File stem -> path for the images directly inside ``folders`` (first occurrence wins)."""
+    exts = {e.lower() for e in extensions} if extensions is not None else IMAGE_EXTENSIONS
+    out: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.suffix.lower() in exts and not entry.name.startswith(".") and entry.is_file():
+                out.setdefault(entry.stem, entry.resolve())
+    return out
+
+
+def require_dir(path: Path, what: str, hint: str = "") -> Path:
+    """``path`` if it is a folder, else a DatasetError saying what was expected."""
+    if not path.exists():
+        raise DatasetError(f"{path}: {what} not found{'; ' + hint if hint else ''}")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: expected {what} to be a folder{'; ' + hint if hint else ''}")
+    return path
+
+
+def find_root(root: Path, marker: str, candidates: Iterable[str] = ()) -> Path:
+    """The folder holding ``marker``: ``root`` itself or one of ``root/<candidate>``."""
+    for base in (root, *(root / c for c in candidates)):
+        if (base / marker).exists():
+            return base
+    return root
+
+
+def option_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """Check an option value against its allowed choices with a clear error."""
+    allowed = list(choices)
+    if value not in allowed:
+        raise ValueError(f"option {name}={value!r} is not one of {', '.join(repr(c) for c in allowed)}")
+    return str(value)
