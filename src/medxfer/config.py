@@ -59,7 +59,7 @@ class RunSpec:
     protocols: tuple[str, ...] = ("fewshot",)
     protocol_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
-    weights: str = "pretrained"  # "pretrained" | "random"
+    weights: str = "pretrained"  # "pretrained" | "random" | "auto" (pretrained if cached, else random)
     out: str = "medxfer-out"
     cache_dir: str | None = None
     device: str | None = None  # None = cuda if available, else cpu
@@ -78,8 +78,8 @@ class RunSpec:
             raise SpecError("datasets: give at least one dataset")
         if not self.protocols:
             raise SpecError("protocols: give at least one protocol")
-        if self.weights not in ("pretrained", "random"):
-            raise SpecError(f"weights: {self.weights!r} is not 'pretrained' or 'random'")
+        if self.weights not in ("pretrained", "random", "auto"):
+            raise SpecError(f"weights: {self.weights!r} is not 'pretrained', 'random' or 'auto'")
         if self.compat not in ("none", "paper"):
             raise SpecError(f"compat: {self.compat!r} is not 'none' or 'paper'")
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -46,6 +46,13 @@ class FeatureSet:
     def split_indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
 
+    def subset(self, indices: Any) -> "FeatureSet":
+        """The rows ``indices`` (e.g. without images that could not be decoded)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return FeatureSet(np.asarray(self.features)[idx], self.labels[idx], self.splits[idx],
+                          [self.records[i] for i in idx], self.class_names, self.model, self.dataset,
+                          self.key, self.headline_metric, dict(self.meta))
+
     @classmethod
     def from_arrays(cls, features: np.ndarray, labels: Any, splits: Any = None,
                     class_names: tuple[str, ...] | None = None, model: str = "array",

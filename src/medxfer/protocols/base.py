@@ -43,16 +43,19 @@ class Protocol:
     version: str = "1"
     description: str = ""
     compat: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_defaults: Callable[[Any], dict[str, Any]] | None = None
 
-    def resolve_params(self, params: dict[str, Any] | None = None, compat: str | None = None) -> dict[str, Any]:
-        """Defaults, then compat overrides, then the user's params; unknown names are errors."""
+    def resolve_params(self, params: dict[str, Any] | None = None, compat: str | None = None,
+                       info: Any = None) -> dict[str, Any]:
+        """Defaults, then compat overrides, then the dataset's own settings (``info``, a
+        DatasetInfo, e.g. the paper's 5-way episodes for EyePACS), then the user's params.
+        Unknown parameter names are errors. A protocol without a variant for ``compat``
+        behaves the same in every mode."""
         out = dict(self.defaults)
-        if compat is not None and compat != "none":
-            if compat not in self.compat:
-                # a protocol without a compat variant behaves the same in every mode
-                pass
-            else:
-                out.update(self.compat[compat])
+        if compat is not None and compat in self.compat:
+            out.update(self.compat[compat])
+        if info is not None and self.dataset_defaults is not None:
+            out.update(self.dataset_defaults(info))
         for k, v in (params or {}).items():
             if k not in self.defaults:
                 raise ValueError(

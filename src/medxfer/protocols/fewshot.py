@@ -203,5 +203,7 @@ register_protocol(Protocol(
     defaults={"n_way": 2, "n_shot": 20, "n_query": 15, "episodes": 600, "pool_size": None,
               "small_classes": "error"},
     version="1",
+    dataset_defaults=lambda info: {"n_way": info.fewshot_way, "n_shot": info.fewshot_shot,
+                                   "pool_size": info.fewshot_pool},
     description="prototypical networks, K-way N-shot, 15 queries, 600 episodes, mean ± 95% CI (paper Table 3)",
 ), aliases=("few-shot", "protonet"))

@@ -1,0 +1,3 @@
+from medxfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""``medxfer ls models|datasets|protocols [--json]``."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from medxfer.commands import Command, register_command
+
+
+def _models(cache_dir: str | None) -> list[dict[str, Any]]:
+    from medxfer.models import MODELS, is_cached
+
+    rows = []
+    for name, spec in MODELS.items():
+        rows.append({
+            "name": name, "aliases": MODELS.aliases_of(name), "arch": spec.arch, "family": spec.family,
+            "feature_dim": spec.feature_dim, "normalization": spec.normalization,
+            "imagenet_top1": spec.imagenet_top1, "imagenet_top1_paper": spec.imagenet_top1_paper,
+            "in_paper": spec.in_paper, "licence": spec.licence,
+            "cached": bool(spec.urls or spec.fmt != "none") and is_cached(spec, cache_dir),
+            "source": spec.urls[0] if spec.urls else "",
+        })
+    return rows
+
+
+def _datasets() -> list[dict[str, Any]]:
+    from medxfer.data import DATASETS
+
+    rows = []
+    for name, ad in DATASETS.items():
+        i = ad.info
+        rows.append({
+            "name": name, "generic": ad.generic, "task": i.task, "classes": list(i.class_names),
+            "modality": i.modality, "in_domain": i.in_domain, "expected_images": i.expected_images,
+            "fewshot": f"{i.fewshot_way}-way {i.fewshot_shot}-shot", "headline_metric": i.headline_metric,
+            "options": ad.options, "licence": i.licence, "layout": i.layout,
+        })
+    return rows
+
+
+def _protocols() -> list[dict[str, Any]]:
+    from medxfer.protocols import PROTOCOLS
+
+    return [{"name": n, "needs": p.needs, "version": p.version, "defaults": p.defaults,
+             "compat": sorted(p.compat), "description": p.description} for n, p in PROTOCOLS.items()]
+
+
+LISTERS = {"models": _models, "datasets": _datasets, "protocols": _protocols}
+COLUMNS = {
+    "models": ("name", "arch", "family", "feature_dim", "normalization", "imagenet_top1", "cached", "licence"),
+    "datasets": ("name", "task", "modality", "expected_images", "fewshot", "headline_metric", "layout"),
+    "protocols": ("name", "needs", "version", "description"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=sorted(LISTERS))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--cache-dir", help="cache folder to check for weights")
+
+
+def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    lister = LISTERS[args.what]
+    rows = lister(args.cache_dir) if args.what == "models" else lister()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(_text_table(rows, COLUMNS[args.what]))
+    return 0
+
+
+register_command(Command("ls", "list registered models, datasets or protocols", add_arguments, run))

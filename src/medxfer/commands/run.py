@@ -1,0 +1,126 @@
+"""``medxfer run``: evaluate models x datasets x protocols x seeds; write results and a summary."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from medxfer.commands import Command, register_command
+from medxfer.config import DatasetArg, RunSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML run spec; command-line options override its fields")
+    p.add_argument("--models", help="comma-separated model names (see `medxfer ls models`), or "
+                                    "LABEL=ARCH:CHECKPOINT[:PREFIX] for your own checkpoint")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
+                   help="a registered dataset NAME=PATH, or LABEL=folder:DIR / LABEL=csv:FILE / "
+                        "LABEL=medmnist:FILE (repeatable)")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="LABEL.KEY=VALUE",
+                   help="an adapter option, e.g. chexpert.uncertain=u_zeros (repeatable)")
+    p.add_argument("--protocols", help="comma-separated protocols (default fewshot)")
+    p.add_argument("--set", action="append", default=[], metavar="PROTOCOL.PARAM=VALUE",
+                   help="a protocol parameter, e.g. fewshot.n_shot=10 (repeatable)")
+    p.add_argument("--out", help="output folder (results/ and summary.md); default medxfer-out")
+    p.add_argument("--weights", choices=["pretrained", "random", "auto"],
+                   help="pretrained (default), random (labelled as such) or auto (pretrained if cached)")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeatable; default 0)")
+    p.add_argument("--compat", choices=["none", "paper"], help="reproduce the authors' code where it differs")
+    p.add_argument("--search", action="store_true", help="finetune: search learning rate and weight decay")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable/missing images and record them")
+    p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, help="extraction batch size (default: chosen for the device)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="extraction precision (default fp32)")
+    p.add_argument("--image-size", type=int, help="evaluation crop size (default 224)")
+    p.add_argument("--resize", choices=["aspect", "squash"], help="aspect (default) or the authors' squash")
+    p.add_argument("--workers", type=int, help="decoding workers (default: all cores)")
+    p.add_argument("--cache-dir", help="cache folder (default $MEDXFER_CACHE or ~/.cache/medxfer)")
+    p.add_argument("--plan", action="store_true", help="print the grid, what is cached and a time estimate; run nothing")
+
+
+def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        group, dot, key = head.partition(".")
+        if not eq or not dot or not group or not key:
+            raise SpecError(f"{flag} {item!r}: expected GROUP.KEY=VALUE")
+        out.setdefault(group, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """Merge a YAML spec (if any) with command-line options into one validated RunSpec."""
+    base: dict[str, Any] = {}
+    if args.config:
+        base = RunSpec.from_yaml(args.config).to_dict()
+    if args.models:
+        base["models"] = _csv(args.models)
+    if args.dataset:
+        base["datasets"] = [DatasetArg.parse(d).to_dict() for d in args.dataset]
+    for label, opts in _parse_assignments(args.dataset_option, "--dataset-option").items():
+        for d in base.get("datasets", []):
+            if isinstance(d, dict) and d["label"] == label:
+                d.setdefault("options", {}).update(opts)
+                break
+        else:
+            raise SpecError(f"--dataset-option: no dataset labelled {label!r}")
+    if args.protocols:
+        base["protocols"] = _csv(args.protocols)
+    params = dict(base.get("protocol_params", {}))
+    for proto, kv in _parse_assignments(args.set, "--set").items():
+        params.setdefault(proto, {}).update(kv)
+    if args.search:
+        params.setdefault("finetune", {})["search"] = True
+    base["protocol_params"] = params
+    if args.seed:
+        base["seeds"] = args.seed
+    for field_name, value in (("out", args.out), ("weights", args.weights), ("compat", args.compat),
+                              ("device", args.device), ("batch_size", args.batch_size),
+                              ("precision", args.precision), ("image_size", args.image_size),
+                              ("resize", args.resize), ("workers", args.workers), ("cache_dir", args.cache_dir)):
+        if value is not None:
+            base[field_name] = value
+    if args.skip_bad:
+        base["skip_bad"] = True
+    if "models" not in base:
+        raise SpecError("give --models (or a --config with models)")
+    base["models"] = [_resolve_model(m) for m in base["models"]]
+    return RunSpec.from_dict(base, where="command line")
+
+
+def _resolve_model(text: str) -> str:
+    """A registered name, or a custom LABEL=ARCH:CHECKPOINT[:PREFIX] registered on the fly."""
+    try:
+        from medxfer.models import resolve_model_arg
+    except ImportError:
+        return text
+    return resolve_model_arg(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.plan:
+        from medxfer.plan import describe_plan
+
+        print(describe_plan(spec))
+        return 0
+    from medxfer.pipeline import run as run_pipeline
+
+    outcome = run_pipeline(spec, progress=not args.quiet)
+    print(outcome.summary)
+    print(f"computed {len(outcome.computed)} cell(s), reused {len(outcome.reused)}; "
+          f"results in {outcome.out / 'results'}, summary in {outcome.summary_path}", file=sys.stderr)
+    return 0
+
+
+register_command(Command("run", "evaluate models x datasets x protocols and write results", add_arguments, run))

@@ -1,0 +1,1 @@
+"""Reports: tables (Markdown, CSV, LaTeX) aggregated from result JSONs."""

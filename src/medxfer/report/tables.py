@@ -1,0 +1,142 @@
+"""Result tables: one per protocol, models x datasets, best and second best marked."""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TableCell:
+    value: float
+    ci95: float | None
+    seeds: int
+
+
+def headline(result: dict[str, Any]) -> tuple[str, float, float | None]:
+    """(metric name, value, 95% half-width or None) of one result."""
+    m = result["metrics"]
+    name = result.get("details", {}).get("headline_metric") or "accuracy"
+    if "headline" in m:
+        return name, float(m["headline"]), m.get("ci95")
+    return "accuracy", float(m["accuracy"]), m.get("ci95")
+
+
+def collect(results: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], TableCell]]:
+    """protocol -> (model, dataset) -> cell averaged over seeds."""
+    raw: dict[str, dict[tuple[str, str], list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        _, value, ci = headline(r)
+        raw[r["protocol"]][(r["model"], r["dataset"])].append((value, ci))
+    out: dict[str, dict[tuple[str, str], TableCell]] = {}
+    for proto, cells in raw.items():
+        out[proto] = {}
+        for key, vals in cells.items():
+            v = float(np.mean([x for x, _ in vals]))
+            cis = [c for _, c in vals if c is not None]
+            out[proto][key] = TableCell(v, float(np.mean(cis)) if cis else None, len(vals))
+    return out
+
+
+def _ranks(values: list[float | None]) -> list[int]:
+    """1 for the best (ties share it), 2 for the second best, 0 otherwise."""
+    present = sorted({v for v in values if v is not None}, reverse=True)
+    best = present[0] if present else None
+    second = present[1] if len(present) > 1 else None
+    return [1 if v is not None and v == best else 2 if v is not None and v == second else 0 for v in values]
+
+
+def _fmt(cell: TableCell | None) -> str:
+    if cell is None:
+        return "–"
+    s = f"{cell.value:.2f}"
+    if cell.ci95 is not None:
+        s += f" ± {cell.ci95:.2f}"
+    if cell.seeds > 1:
+        s += f" ({cell.seeds} seeds)"
+    return s
+
+
+def protocol_tables(results: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[str], dict]]:
+    """protocol -> (models, datasets, cells) in first-seen order."""
+    tables = {}
+    by_proto = collect(results)
+    for proto, cells in by_proto.items():
+        models = list(dict.fromkeys(r["model"] for r in results if r["protocol"] == proto))
+        datasets = list(dict.fromkeys(r["dataset"] for r in results if r["protocol"] == proto))
+        tables[proto] = (models, datasets, cells)
+    return tables
+
+
+def summary_markdown(results: list[dict[str, Any]]) -> str:
+    """The run's summary: a table per protocol (mean ± 95% CI where the protocol has one;
+    **best** and _second best_ per dataset), then which weights every model used."""
+    if not results:
+        return "# medxfer results\n\nNo results yet.\n"
+    lines = ["# medxfer results", ""]
+    for proto, (models, datasets, cells) in protocol_tables(results).items():
+        metric_names = sorted({headline(r)[0] for r in results if r["protocol"] == proto})
+        lines += [f"## {proto} ({', '.join(metric_names)}, percent)", ""]
+        lines.append("| model | " + " | ".join(datasets) + " |")
+        lines.append("|---|" + "---|" * len(datasets))
+        ranks_by_ds = {}
+        for ds in datasets:
+            vals = [cells[(m, ds)].value if (m, ds) in cells else None for m in models]
+            ranks_by_ds[ds] = dict(zip(models, _ranks(vals)))
+        for m in models:
+            row = []
+            for ds in datasets:
+                text = _fmt(cells.get((m, ds)))
+                rank = ranks_by_ds[ds][m] if len(models) > 1 else 0
+                row.append(f"**{text}**" if rank == 1 else f"_{text}_" if rank == 2 else text)
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Best per dataset in **bold**, second best in _italics_.", "", "## Weights", ""]
+    seen = {}
+    for r in results:
+        info = r.get("model_info", {})
+        seen.setdefault(r["model"], info)
+    for name, info in seen.items():
+        tag = " — RANDOMLY INITIALISED, not pretrained" if info.get("random_weights") else ""
+        lines.append(f"- {name}: {info.get('weights', '?')}{tag}")
+    warnings = sorted({w for r in results for w in r.get("warnings", [])})
+    problems = sorted({p for r in results for p in r.get("dataset_info", {}).get("problems", [])})
+    if warnings or problems:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings + problems[:50]]
+        if len(problems) > 50:
+            lines.append(f"- ... and {len(problems) - 50} more dataset problems (see the result JSONs)")
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(results: list[dict[str, Any]]) -> str:
+    """One row per result: model, dataset, protocol, seed, every metric."""
+    metric_names = sorted({k for r in results for k in r["metrics"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "dataset", "protocol", "seed", *metric_names, "weights"])
+    for r in results:
+        w.writerow([r["model"], r["dataset"], r["protocol"], r["seed"],
+                    *[r["metrics"].get(k, "") for k in metric_names], r.get("model_info", {}).get("weights", "")])
+    return buf.getvalue()
+
+
+def latex_table(results: list[dict[str, Any]], protocol: str) -> str:
+    """A LaTeX tabular for one protocol, best in bold, second best underlined."""
+    models, datasets, cells = protocol_tables(results)[protocol]
+    lines = [r"\begin{tabular}{l" + "c" * len(datasets) + "}", r"\toprule",
+             "Model & " + " & ".join(datasets) + r" \\", r"\midrule"]
+    ranks_by_ds = {ds: dict(zip(models, _ranks([cells[(m, ds)].value if (m, ds) in cells else None
+                                                 for m in models]))) for ds in datasets}
+    for m in models:
+        row = []
+        for ds in datasets:
+            text = _fmt(cells.get((m, ds))).replace("±", r"$\pm$")
+            rank = ranks_by_ds[ds][m]
+            row.append(r"\textbf{" + text + "}" if rank == 1 else r"\underline{" + text + "}" if rank == 2 else text)
+        lines.append(m + " & " + " & ".join(row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

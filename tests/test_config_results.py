@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from medxfer.commands.run import spec_from_args
+from medxfer.cli import build_parser
+from medxfer.config import DatasetArg, RunSpec, SpecError
+from medxfer.protocols.base import EvalResult
+from medxfer.report.tables import latex_table, results_csv, summary_markdown
+from medxfer.results import SCHEMA, Cell, build_result, load_results, read_result, write_result
+
+
+def test_dataset_arg_parsing():
+    assert DatasetArg.parse("shenzhen=/data/ChinaSet") == DatasetArg("shenzhen", "shenzhen", "/data/ChinaSet")
+    a = DatasetArg.parse("mine=folder:/data/x:y")
+    assert (a.label, a.kind, a.root, a.options) == ("mine", "folder", "/data/x:y", {"name": "mine"})
+    assert DatasetArg.parse("m=csv:labels.csv").kind == "csv"
+    with pytest.raises(SpecError, match="NAME=PATH"):
+        DatasetArg.parse("nolabel")
+    with pytest.raises(SpecError, match="label"):
+        DatasetArg.parse("bad label=/x")
+
+
+def test_run_spec_validation_and_yaml_round_trip(tmp_path):
+    spec = RunSpec(models=("supervised-r18",), datasets=(DatasetArg.parse("a=folder:/x"),), seeds=(0, 1))
+    path = tmp_path / "spec.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert RunSpec.from_yaml(path) == spec
+    with pytest.raises(SpecError, match="weights"):
+        RunSpec(models=("m",), datasets=spec.datasets, weights="imagenet")
+    with pytest.raises(SpecError, match="unknown field"):
+        RunSpec.from_dict({"models": ["m"], "datasets": ["a=/x"], "epochs": 3})
+    with pytest.raises(SpecError, match="used twice"):
+        RunSpec(models=("m",), datasets=(DatasetArg.parse("a=/x"), DatasetArg.parse("a=folder:/y")))
+
+
+def test_cli_arguments_become_a_run_spec(tmp_path):
+    args = build_parser().parse_args([
+        "run", "--models", "supervised-r18,test-tiny", "--dataset", "a=folder:/x", "--dataset", "shenzhen=/y",
+        "--dataset-option", "shenzhen.split=paper", "--protocols", "fewshot", "--set", "fewshot.n_shot=5",
+        "--weights", "random", "--seed", "3", "--seed", "4", "--out", str(tmp_path)])
+    spec = spec_from_args(args)
+    assert spec.models == ("supervised-r18", "test-tiny")
+    assert spec.seeds == (3, 4)
+    assert spec.protocol_params == {"fewshot": {"n_shot": 5}}
+    assert spec.datasets[1].options == {"split": "paper"}
+    assert spec.weights == "random"
+
+
+def _result(model, dataset, acc, ci, seed=0, random=True):
+    ev = EvalResult("fewshot", {"accuracy": acc, "ci95": ci, "episodes": 600.0},
+                    details={"episode_accuracies": [acc / 100] * 3})
+    return build_result(Cell(model, dataset, "fewshot", seed), "k", ev, spec={}, device="cpu", timings={"x": 1.0},
+                        model_info={"weights": "random init (seed 0)" if random else "pretrained", "random_weights": random},
+                        dataset_info={})
+
+
+def test_result_json_round_trip_and_schema(tmp_path):
+    r = _result("m1", "d1", 70.0, 1.0)
+    path = write_result(tmp_path, Cell("m1", "d1", "fewshot", 0), r)
+    back = read_result(path)
+    assert back["schema"] == SCHEMA and back["episode_accuracies"] == [0.7] * 3
+    for key in ("model", "dataset", "protocol", "run_key", "metrics", "spec", "seed", "timings", "versions",
+                "git_revision", "device"):
+        assert key in back
+    (tmp_path / "garbage.json").write_text("{not json")
+    assert len(load_results(tmp_path)) == 1
+
+
+def test_summary_marks_best_and_second_and_random_weights():
+    results = [_result("a", "d1", 70.0, 1.0), _result("b", "d1", 80.0, 1.0), _result("c", "d1", 60.0, 1.0),
+               _result("a", "d2", 50.0, 2.0)]
+    md = summary_markdown(results)
+    assert "**80.00 ± 1.00**" in md and "_70.00 ± 1.00_" in md and "| c | 60.00 ± 1.00 |" in md
+    assert "RANDOMLY INITIALISED" in md
+    assert "\\textbf{80.00 $\\pm$ 1.00}" in latex_table(results, "fewshot")
+    assert results_csv(results).splitlines()[0].startswith("model,dataset,protocol,seed")
