@@ -77,3 +77,28 @@ def test_summary_marks_best_and_second_and_random_weights():
     assert "RANDOMLY INITIALISED" in md
     assert "\\textbf{80.00 $\\pm$ 1.00}" in latex_table(results, "fewshot")
     assert results_csv(results).splitlines()[0].startswith("model,dataset,protocol,seed")
+
+
+def test_paired_difference_and_section():
+    from medxfer.report.stats import paired_difference
+
+    a = [0.8, 0.9, 0.7, 0.85]
+    b = [0.7, 0.8, 0.65, 0.7]
+    d = paired_difference(a, b)
+    diffs = [x - y for x, y in zip(a, b)]
+    import statistics
+
+    assert d.mean == pytest.approx(100 * statistics.mean(diffs))
+    assert d.ci95 == pytest.approx(100 * 1.96 * statistics.stdev(diffs) / 2)
+    assert 0 < d.p_value < 0.05
+    assert paired_difference(a, a).p_value == 1.0
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:3])
+    r1 = _result("a", "d1", 70.0, 1.0)
+    r2 = _result("b", "d1", 80.0, 1.0)
+    for r in (r1, r2):
+        r["details"]["episodes_sha256"] = "same"
+    r1["episode_accuracies"] = [0.7, 0.6, 0.8]
+    r2["episode_accuracies"] = [0.8, 0.8, 0.8]
+    md = summary_markdown([r1, r2])
+    assert "paired against the best" in md and "| d1 | a | b | -10.00 ± 11.32 |" in md

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from medxfer.report.stats import paired_difference
+
 
 @dataclass(frozen=True)
 class TableCell:
@@ -95,7 +97,9 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
                 row.append(f"**{text}**" if rank == 1 else f"_{text}_" if rank == 2 else text)
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["Best per dataset in **bold**, second best in _italics_.", "", "## Weights", ""]
+    lines += ["Best per dataset in **bold**, second best in _italics_.", ""]
+    lines += paired_section(results)
+    lines += ["## Weights", ""]
     seen = {}
     for r in results:
         info = r.get("model_info", {})
@@ -110,6 +114,33 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
         if len(problems) > 50:
             lines.append(f"- ... and {len(problems) - 50} more dataset problems (see the result JSONs)")
     return "\n".join(lines) + "\n"
+
+
+def paired_section(results: list[dict[str, Any]]) -> list[str]:
+    """Few-shot: each model against the best one on the same episodes (seed 0 or the first seed)."""
+    by_ds: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in results:
+        if r["protocol"] == "fewshot" and "episode_accuracies" in r:
+            by_ds[r["dataset"]].setdefault(r["model"], r)
+    rows = []
+    for ds, per_model in by_ds.items():
+        if len(per_model) < 2:
+            continue
+        best = max(per_model, key=lambda m: per_model[m]["metrics"]["accuracy"])
+        for m, r in per_model.items():
+            if m == best:
+                continue
+            same = r["details"].get("episodes_sha256") == per_model[best]["details"].get("episodes_sha256")
+            if not same:
+                rows.append(f"| {ds} | {m} | {best} | different episodes: not paired | |")
+                continue
+            d = paired_difference(r["episode_accuracies"], per_model[best]["episode_accuracies"])
+            rows.append(f"| {ds} | {m} | {best} | {d.mean:+.2f} ± {d.ci95:.2f} | {d.p_value:.3g} |")
+    if not rows:
+        return []
+    return ["## Few-shot, paired against the best model (same episodes)", "",
+            "| dataset | model | best | difference (points, 95% CI) | p (paired z) |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def results_csv(results: list[dict[str, Any]]) -> str:
