@@ -110,11 +110,11 @@ class RunSpec:
         parsed = []
         for i, item in enumerate(ds):
             if isinstance(item, str):
-                parsed.append(DatasetArg.parse(item))
+                parsed.append(DatasetArg.parse(os.path.expandvars(item)))
             elif isinstance(item, dict):
                 try:
                     parsed.append(DatasetArg(label=item["label"], kind=item.get("kind", item["label"]),
-                                             root=str(item["root"]), options=dict(item.get("options", {}))))
+                                             root=os.path.expandvars(str(item["root"])), options=dict(item.get("options", {}))))
                 except KeyError as exc:
                     raise SpecError(f"{where}: datasets[{i}] lacks {exc.args[0]!r}") from None
             else:

@@ -5,21 +5,14 @@ import argparse
 import logging
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medxfer.commands import Command, register_command
 from medxfer.config import DatasetArg, RunSpec
+from medxfer.presets import load_preset
 
 log = logging.getLogger(__name__)
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    text = resources.files("medxfer").joinpath("presets", f"{name}.yaml").read_text()
-    return yaml.safe_load(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import yaml
 
 from medxfer.commands import Command, register_command
 from medxfer.config import DatasetArg, RunSpec, SpecError
+from medxfer.presets import load_preset
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML run spec; command-line options override its fields")
+    p.add_argument("--preset", help="a packaged run spec: paper (the full grid; roots from $MEDXFER_DATA)")
     p.add_argument("--models", help="comma-separated model names (see `medxfer ls models`), or "
                                     "LABEL=ARCH:CHECKPOINT[:PREFIX] for your own checkpoint")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
@@ -61,8 +63,12 @@ def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """Merge a YAML spec (if any) with command-line options into one validated RunSpec."""
     base: dict[str, Any] = {}
+    if args.config and args.preset:
+        raise SpecError("give --config or --preset, not both")
     if args.config:
         base = RunSpec.from_yaml(args.config).to_dict()
+    elif args.preset:
+        base = RunSpec.from_dict(load_preset(args.preset), where=f"preset {args.preset}").to_dict()
     if args.models:
         base["models"] = _csv(args.models)
     if args.dataset:
