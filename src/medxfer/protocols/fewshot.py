@@ -131,17 +131,18 @@ def episode_accuracies(features: np.ndarray | torch.Tensor, episodes: Episodes, 
     Distances are computed in float64 so that ties and rounding do not depend on the batch
     layout.
     """
-    feats = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+    feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     e, k, n = episodes.support.shape
     q = episodes.query.shape[2]
     truth = torch.arange(k, device=device).repeat_interleave(q)  # query order: class-major
     out = np.empty(e, dtype=np.float64)
     for start in range(0, e, chunk):
         stop = min(e, start + chunk)
-        s_idx = torch.as_tensor(episodes.support[start:stop].reshape(-1))
-        q_idx = torch.as_tensor(episodes.query[start:stop].reshape(-1))
-        sup = feats[s_idx].to(device=device, dtype=torch.float64).reshape(stop - start, k, n, -1)
-        qry = feats[q_idx].to(device=device, dtype=torch.float64).reshape(stop - start, k * q, -1)
+        # numpy fancy indexing copies the rows (works on read-only memmaps too)
+        sup_np = feats[episodes.support[start:stop].reshape(-1)]
+        qry_np = feats[episodes.query[start:stop].reshape(-1)]
+        sup = torch.from_numpy(sup_np).to(device=device, dtype=torch.float64).reshape(stop - start, k, n, -1)
+        qry = torch.from_numpy(qry_np).to(device=device, dtype=torch.float64).reshape(stop - start, k * q, -1)
         protos = sup.mean(dim=2)  # B x K x D
         d2 = (qry.pow(2).sum(-1, keepdim=True) - 2.0 * qry @ protos.transpose(1, 2)
               + protos.pow(2).sum(-1).unsqueeze(1))  # B x KQ x K
