@@ -13,8 +13,10 @@ import torch
 import torchvision
 from torch import nn
 
+from medxfer.cache import content_key
 from medxfer.models.normalize import get_normalizer
 from medxfer.models.spec import ModelSpec
+from medxfer.models.vit import dinov2_vitb14, dinov2_vits14
 from medxfer.registry import Registry
 
 TrunkBuilder = Callable[[], nn.Module]
@@ -55,10 +57,43 @@ class TinyCNN(nn.Module):
         return self.features(x)
 
 
-ARCHS.register("tinycnn", TinyCNN)
-ARCHS.register("resnet50", _resnet(torchvision.models.resnet50))
-ARCHS.register("resnet18", _resnet(torchvision.models.resnet18))
-ARCHS.register("densenet121", _densenet(torchvision.models.densenet121))
+def _torchvision_vit(factory: Callable[..., nn.Module]) -> TrunkBuilder:
+    def build() -> nn.Module:
+        m = factory(weights=None)
+        m.heads = nn.Identity()  # forward returns the final-normed CLS token
+        return m
+
+    return build
+
+
+# name -> (builder, pooled feature dimension). Every trunk maps normalised B x 3 x 224 x 224
+# input to B x D features; its state_dict() holds no classification head.
+_BUILTIN_ARCHS: dict[str, tuple[TrunkBuilder, int]] = {
+    "tinycnn": (TinyCNN, 32),
+    "resnet18": (_resnet(torchvision.models.resnet18), 512),
+    "resnet34": (_resnet(torchvision.models.resnet34), 512),
+    "resnet50": (_resnet(torchvision.models.resnet50), 2048),
+    "resnet101": (_resnet(torchvision.models.resnet101), 2048),
+    "resnet152": (_resnet(torchvision.models.resnet152), 2048),
+    "wide_resnet50_2": (_resnet(torchvision.models.wide_resnet50_2), 2048),
+    "densenet121": (_densenet(torchvision.models.densenet121), 1024),
+    "densenet169": (_densenet(torchvision.models.densenet169), 1664),
+    "densenet201": (_densenet(torchvision.models.densenet201), 1920),
+    "vit_b_16": (_torchvision_vit(torchvision.models.vit_b_16), 768),
+    "dinov2_vits14": (dinov2_vits14, 384),
+    "dinov2_vitb14": (dinov2_vitb14, 768),
+}
+ARCH_FEATURE_DIMS: dict[str, int] = {}
+
+
+def register_arch(name: str, builder: TrunkBuilder, feature_dim: int) -> None:
+    """Register a trunk builder (plugins too); ``feature_dim`` is its pooled output size."""
+    ARCHS.register(name, builder)
+    ARCH_FEATURE_DIMS[name] = feature_dim
+
+
+for _name, (_builder, _dim) in _BUILTIN_ARCHS.items():
+    register_arch(_name, _builder, _dim)
 
 
 def build_trunk(arch: str, seed: int | None = None) -> nn.Module:
@@ -116,7 +151,9 @@ class Backbone(nn.Module):
     @property
     def weights_hash(self) -> str:
         if self._hash is None:
-            self._hash = state_dict_hash(self.trunk)
+            h = state_dict_hash(self.trunk)
+            # a normalisation variant shares its base's weights but not its features
+            self._hash = content_key(h, self.spec.normalization) if self.spec.base else h
         return self._hash
 
     def state_dict(self, *args, **kwargs):  # type: ignore[override]

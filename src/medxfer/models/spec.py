@@ -36,6 +36,9 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     in_paper: bool = False
     notes: str = ""
+    fetch_hint: str = ""  # how to obtain the file when it cannot be downloaded directly
+    path: str | None = None  # a local original checkpoint (custom models)
+    base: str | None = None  # a variant (e.g. other normalisation) sharing this spec's weights
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,43 +1,173 @@
-"""The model zoo: one ModelSpec per weight set (see docs in MODEL_ZOO.md of the project)."""
+"""The model zoo: one ModelSpec per weight set (facts from MODEL_ZOO.md of the project).
+
+The thirteen backbones of Anton et al. 2022 (``in_paper=True``) and a few widely used
+additions. ``urls`` are files the spec's format reads directly; where the original must be
+fetched by hand (Dropbox, TF conversion) ``urls`` is empty and ``fetch_hint`` says how.
+"""
 from __future__ import annotations
 
 from medxfer.models.spec import ModelSpec, register_model
 
+TV = "https://download.pytorch.org/models/"
+FB = "https://dl.fbaipublicfiles.com/"
 TORCHVISION_LICENCE = "BSD-3-Clause (torchvision); trained on ImageNet (non-commercial research terms)"
 TORCHVISION_CITATION = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 / torchvision"
+CC_BY_NC = "CC-BY-NC 4.0"
+MIMIC_LICENCE = ("CC-BY-NC 4.0 (CovidPrognosis); trained on MIMIC-CXR + CheXpert: their data-use terms apply")
+MOCO_CXR_LICENCE = "CC-BY-NC 4.0 (MoCo-CXR); trained on CheXpert: its data-use terms apply"
+MIMIC_CITATION = ("Sriram et al., COVID-19 Prognosis via Self-Supervised Representation Learning and "
+                  "Multi-Image Prediction, arXiv:2101.04909 (facebookresearch/CovidPrognosis)")
+MOCO_CXR_CITATION = ("Sowrirajan et al., MoCo-CXR: MoCo Pretraining Improves Representation and "
+                     "Transferability of Chest X-ray Models, MIDL 2021")
 
-SUPERVISED = (
+
+def _torchvision(name: str, arch: str, dim: int, file: str, top1: float, **kw: object) -> ModelSpec:
+    return ModelSpec(name=name, arch=arch, family="supervised", feature_dim=dim, urls=(TV + file,),
+                     filename=file, hash_prefix=file.rsplit("-", 1)[1].split(".")[0], fmt="torchvision",
+                     imagenet_top1=top1, licence=TORCHVISION_LICENCE, **kw)  # type: ignore[arg-type]
+
+
+def _mimic(lr: str) -> ModelSpec:
+    file = f"mimic-chexpert_lr_{lr}_bs_128_fd_128_qs_65536.pt"
+    return ModelSpec(
+        name=f"mimic-chexpert-lr{lr}", arch="densenet121", family="domain-specific", feature_dim=1024,
+        normalization="histeq", urls=(FB + "CovidPrognosis/pretrained_models/" + file,), filename=file,
+        fmt="lightning", prefix="model.encoder_q.", drop=("classifier.",), licence=MIMIC_LICENCE,
+        citation=MIMIC_CITATION, in_paper=True,
+        notes=f"MoCo (lr {lr}) on MIMIC-CXR + CheXpert; Lightning checkpoint; histogram-equalised input",
+    )
+
+
+def _moco_cxr(name: str, arch: str, dim: int, file: str, head: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, arch=arch, family="domain-specific", feature_dim=dim,
+        urls=("https://storage.googleapis.com/moco-cxr/" + file,), filename=file, fmt="moco",
+        prefix="module.encoder_q.", drop=(head,), licence=MOCO_CXR_LICENCE, citation=MOCO_CXR_CITATION,
+        in_paper=True, notes="MoCo on CheXpert; ImageNet normalisation as the paper used "
+        f"(native CheXpert statistics: {name}-native)",
+    )
+
+
+PAPER = (
+    _torchvision("supervised-r50", "resnet50", 2048, "resnet50-0676ba61.pth", 76.13,
+                 drop=("fc.",), imagenet_top1_paper=77.2, citation=TORCHVISION_CITATION,
+                 aliases=("resnet50", "supervised", "r50"), in_paper=True,
+                 notes="torchvision ResNet50_Weights.IMAGENET1K_V1 (not DEFAULT, which is V2)"),
+    _torchvision("supervised-r18", "resnet18", 512, "resnet18-f37072fd.pth", 69.76,
+                 drop=("fc.",), imagenet_top1_paper=72.12, citation=TORCHVISION_CITATION,
+                 aliases=("resnet18", "r18"), in_paper=True, notes="torchvision ResNet18_Weights.IMAGENET1K_V1"),
+    _torchvision("supervised-d121", "densenet121", 1024, "densenet121-a639ec97.pth", 74.43,
+                 drop=("classifier.",), imagenet_top1_paper=74.98,
+                 citation="Huang et al., Densely Connected Convolutional Networks, CVPR 2017 / torchvision",
+                 aliases=("densenet121", "d121"), in_paper=True,
+                 notes="torchvision DenseNet121_Weights.IMAGENET1K_V1 (legacy key names remapped)"),
     ModelSpec(
-        name="supervised-r50", arch="resnet50", family="supervised", feature_dim=2048,
-        urls=("https://download.pytorch.org/models/resnet50-0676ba61.pth",),
-        filename="resnet50-0676ba61.pth", hash_prefix="0676ba61", fmt="torchvision",
-        drop=("fc.",), imagenet_top1=76.13, imagenet_top1_paper=77.2,
-        licence=TORCHVISION_LICENCE, citation=TORCHVISION_CITATION,
-        aliases=("resnet50", "supervised", "r50"), in_paper=True,
-        notes="torchvision ResNet50_Weights.IMAGENET1K_V1 (not DEFAULT, which is V2)",
+        name="simclr-v1", arch="resnet50", family="self-supervised", feature_dim=2048, normalization="none",
+        filename="resnet50-1x.pth", fmt="simclr-converted", drop=("fc.",), imagenet_top1=69.3,
+        licence="Apache-2.0 (google-research/simclr)",
+        citation="Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020",
+        aliases=("simclr", "simclrv1"), in_paper=True,
+        notes="TF checkpoint converted to PyTorch; input unnormalised [0,1]",
+        fetch_hint=("download ResNet50_1x.zip from https://storage.googleapis.com/simclr-gcs/checkpoints/"
+                    "ResNet50_1x.zip, convert it with github.com/tonylins/simclr-converter "
+                    "(python convert.py ResNet50_1x/model.ckpt-225206 resnet50-1x.pth)"),
     ),
     ModelSpec(
-        name="supervised-r18", arch="resnet18", family="supervised", feature_dim=512,
-        urls=("https://download.pytorch.org/models/resnet18-f37072fd.pth",),
-        filename="resnet18-f37072fd.pth", hash_prefix="f37072fd", fmt="torchvision",
-        drop=("fc.",), imagenet_top1=69.76, imagenet_top1_paper=72.12,
-        licence=TORCHVISION_LICENCE, citation=TORCHVISION_CITATION,
-        aliases=("resnet18", "r18"), in_paper=True,
-        notes="torchvision ResNet18_Weights.IMAGENET1K_V1",
+        name="moco-v2", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=(FB + "moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",),
+        filename="moco_v2_800ep_pretrain.pth.tar", hash_prefix="a04e12f8", hash_algo="md5", fmt="moco",
+        prefix="module.encoder_q.", drop=("fc.",), imagenet_top1=71.1, licence=CC_BY_NC,
+        citation="Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297",
+        aliases=("moco", "mocov2"), in_paper=True, notes="800 epochs; query encoder, MLP head dropped",
     ),
     ModelSpec(
-        name="supervised-d121", arch="densenet121", family="supervised", feature_dim=1024,
-        urls=("https://download.pytorch.org/models/densenet121-a639ec97.pth",),
-        filename="densenet121-a639ec97.pth", hash_prefix="a639ec97", fmt="torchvision",
-        drop=("classifier.",), imagenet_top1=74.43, imagenet_top1_paper=74.98,
-        licence=TORCHVISION_LICENCE,
-        citation="Huang et al., Densely Connected Convolutional Networks, CVPR 2017 / torchvision",
-        aliases=("densenet121", "d121"), in_paper=True,
-        notes="torchvision DenseNet121_Weights.IMAGENET1K_V1 (legacy key names remapped)",
+        name="pirl", arch="resnet50", family="self-supervised", feature_dim=2048, filename="PIRL.pth",
+        fmt="pycontrast", prefix="module.encoder.", drop=("head.", "head_jig."), imagenet_top1=61.7,
+        licence="not stated by PyContrast (research use; check before redistribution)",
+        citation=("Misra & van der Maaten, Self-Supervised Learning of Pretext-Invariant Representations, "
+                  "CVPR 2020 (PyContrast re-implementation)"),
+        in_paper=True, notes="PyContrast model zoo",
+        fetch_hint=("download PIRL.pth from the PyContrast model zoo (Dropbox link in "
+                    "github.com/HobbitLong/PyContrast/blob/master/pycontrast/docs/MODEL_ZOO.md)"),
+    ),
+    ModelSpec(
+        name="swav", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=(FB + "deepcluster/swav_800ep_pretrain.pth.tar",), filename="swav_800ep_pretrain.pth.tar",
+        fmt="swav", prefix="module.", drop=("projection_head.", "prototypes."), imagenet_top1=75.3,
+        licence=CC_BY_NC,
+        citation="Caron et al., Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, NeurIPS 2020",
+        in_paper=True, notes="800 epochs, multi-crop",
+    ),
+    ModelSpec(
+        name="byol", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=("https://storage.googleapis.com/deepmind-byol/checkpoints/pretrain_res50x1.pkl",),
+        filename="pretrain_res50x1.pkl", fmt="byol-haiku", prefix="res_net50/~/", drop=("logits",),
+        imagenet_top1=74.3, licence=CC_BY_NC,
+        citation="Grill et al., Bootstrap Your Own Latent, NeurIPS 2020",
+        in_paper=True, notes="JAX/Haiku pickle (570 MB) converted to torchvision; online network. "
+        "Haiku uses SAME padding in the stem, torchvision symmetric padding (as every conversion)",
+    ),
+    _mimic("0.01"),
+    _mimic("0.1"),
+    _mimic("1.0"),
+    _moco_cxr("moco-cxr-r18", "resnet18", 512, "r8w-00001.pth.tar", "fc."),
+    _moco_cxr("moco-cxr-d121", "densenet121", 1024, "d1w-00001.pth.tar", "classifier."),
+)
+
+VARIANTS = tuple(
+    ModelSpec(
+        name=f"{s.name}-native", arch=s.arch, family=s.family, feature_dim=s.feature_dim,
+        normalization="chexpert", licence=s.licence, citation=s.citation, base=s.name,
+        notes=f"{s.name} weights with MoCo-CXR's native CheXpert statistics (mean 0.5020, std 0.085585)",
+    )
+    for s in PAPER if s.name.startswith("moco-cxr")
+)
+
+BEYOND = (
+    _torchvision("supervised-r50-v2", "resnet50", 2048, "resnet50-11ad3fa6.pth", 80.858, drop=("fc.",),
+                 citation=TORCHVISION_CITATION, notes="torchvision ResNet50_Weights.IMAGENET1K_V2 (= DEFAULT)"),
+    _torchvision("supervised-vit-b16", "vit_b_16", 768, "vit_b_16-c867db91.pth", 81.072, drop=("heads.",),
+                 citation="Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 / torchvision",
+                 notes="torchvision ViT_B_16_Weights.IMAGENET1K_V1; CLS-token features"),
+    ModelSpec(
+        name="dino-r50", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=(FB + "dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",),
+        filename="dino_resnet50_pretrain.pth", fmt="swav", drop=("fc.",), imagenet_top1=75.3,
+        licence="Apache-2.0 (facebookresearch/dino)",
+        citation="Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021",
+    ),
+    ModelSpec(
+        name="barlowtwins-r50", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=(FB + "barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth",),
+        filename="barlowtwins_resnet50.pth", fmt="swav", drop=("fc.",), imagenet_top1=73.2,
+        licence="MIT (facebookresearch/barlowtwins)",
+        citation="Zbontar et al., Barlow Twins: Self-Supervised Learning via Redundancy Reduction, ICML 2021",
+        aliases=("barlowtwins",),
+    ),
+    ModelSpec(
+        name="vicreg-r50", arch="resnet50", family="self-supervised", feature_dim=2048,
+        urls=(FB + "vicreg/resnet50.pth",), filename="vicreg_resnet50.pth", fmt="swav", drop=("fc.",),
+        imagenet_top1=73.2, licence="MIT (facebookresearch/vicreg)",
+        citation="Bardes et al., VICReg: Variance-Invariance-Covariance Regularization, ICLR 2022",
+        aliases=("vicreg",),
+    ),
+    ModelSpec(
+        name="dinov2-vits14", arch="dinov2_vits14", family="self-supervised", feature_dim=384,
+        urls=(FB + "dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",), filename="dinov2_vits14_pretrain.pth",
+        fmt="dinov2", drop=("mask_token",), imagenet_top1=81.1, licence="Apache-2.0 (facebookresearch/dinov2)",
+        citation="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
+        notes="ViT-S/14, CLS token; position embeddings interpolated to the input grid",
+    ),
+    ModelSpec(
+        name="dinov2-vitb14", arch="dinov2_vitb14", family="self-supervised", feature_dim=768,
+        urls=(FB + "dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",), filename="dinov2_vitb14_pretrain.pth",
+        fmt="dinov2", drop=("mask_token",), imagenet_top1=84.5, licence="Apache-2.0 (facebookresearch/dinov2)",
+        citation="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
+        notes="ViT-B/14, CLS token; position embeddings interpolated to the input grid",
     ),
 )
 
-for _spec in SUPERVISED:
+for _spec in (*PAPER, *VARIANTS, *BEYOND):
     register_model(_spec)
 
 # A dummy model for tests and quick checks (lm-evaluation-harness style): random weights only.
