@@ -158,3 +158,62 @@ def option_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"option {name}={value!r} is not one of {', '.join(repr(c) for c in allowed)}")
     return str(value)
+
+
+def read_table(path: Path, required: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Like :func:`read_csv_rows` for ``.csv``, and also reads the first sheet of ``.xlsx`` files."""
+    if path.suffix.lower() != ".xlsx":
+        yield from read_csv_rows(path, required)
+        return
+    try:
+        import openpyxl
+
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as exc:  # openpyxl raises many types for corrupt files
+        raise DatasetError(f"{path}: cannot read spreadsheet: {exc}") from exc
+    try:
+        rows = wb.worksheets[0].iter_rows(values_only=True)
+        header = [str(c).strip() if c is not None else "" for c in next(rows, ())]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                               f"found {', '.join(repr(c) for c in header if c) or 'no columns'}")
+        for line, values in enumerate(rows, start=2):
+            cells = ["" if v is None else _cell_text(v) for v in values]
+            if not any(cells):
+                continue
+            yield line, {k: v for k, v in zip(header, cells) if k}
+    finally:
+        wb.close()
+
+
+def _cell_text(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def table_columns(path: Path) -> list[str]:
+    """Header of a CSV or xlsx file (empty when unreadable)."""
+    if path.suffix.lower() != ".xlsx":
+        return csv_columns(path)
+    try:
+        import openpyxl
+
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        try:
+            first = next(wb.worksheets[0].iter_rows(values_only=True), ())
+        finally:
+            wb.close()
+    except Exception:  # unreadable spreadsheets simply do not match
+        return []
+    return [str(c).strip() for c in first if c is not None]
+
+
+def find_table(candidates: Iterable[Path], required: Iterable[str]) -> Path | None:
+    """The first existing CSV/xlsx among ``candidates`` whose header has the required columns."""
+    need = list(required)
+    for c in candidates:
+        if c.is_file() and all(col in table_columns(c) for col in need):
+            return c
+    return None
