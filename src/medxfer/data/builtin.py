@@ -1,2 +1,2 @@
 """Imports every built-in adapter module so that it registers itself."""
-from medxfer.data import bach, generic, ichallenge, tbcxr  # noqa: F401
+from medxfer.data import bach, chestxray14, chexpert, eyepacs, generic, ichallenge, medmnist, tbcxr  # noqa: F401

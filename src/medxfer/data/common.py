@@ -29,9 +29,13 @@ class Issues:
         self.skip_bad = skip_bad
         self._bad: dict[str, list[str]] = defaultdict(list)
         self._notes: list[str] = []
+        self._hints: dict[str, str] = {}
 
-    def bad(self, message: str, kind: str = "bad record") -> None:
+    def bad(self, message: str, kind: str = "bad record", hint: str | None = None) -> None:
+        """Record a bad record; ``hint`` (once per kind) tells the user how to fix or allow it."""
         self._bad[kind].append(message)
+        if hint is not None:
+            self._hints.setdefault(kind, hint)
 
     def note(self, message: str) -> None:
         self._notes.append(message)
@@ -52,9 +56,10 @@ class Issues:
         """Raise if there were errors (unless skipping); else return the problem list."""
         if self._bad and not self.skip_bad:
             listed = "\n  ".join(self._listed())
+            hints = "".join(f"\n  hint ({kind}): {h}" for kind, h in self._hints.items())
             raise DatasetError(
                 f"dataset {self.dataset!r}: {self.n_bad} problem(s) "
-                f"(pass skip_bad=True / --skip-bad to skip these records):\n  {listed}"
+                f"(pass skip_bad=True / --skip-bad to skip these records):\n  {listed}{hints}"
             )
         skipped = [f"skipped: {m}" if not m.startswith("... and") else m for m in self._listed()]
         return list(self._notes) + skipped

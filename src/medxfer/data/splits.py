@@ -39,9 +39,11 @@ def stratified_split(labels: Sequence[int], groups: Sequence[str | None] | None 
     """Seeded train/test assignment, stratified by class, keeping each group on one side.
 
     Without groups (or where a group is None) each image is its own group. A group's stratum
-    is its most frequent label (ties: the smaller label). Within each stratum the groups are
-    shuffled by ``np.random.default_rng(seed)`` and the first ``round(test_fraction * n)``
-    go to test, so per-class counts are exact when every group has one image.
+    is its most frequent label (ties: the smaller label). The number of test groups,
+    ``round(test_fraction * groups)``, is shared out over the strata by largest remainder
+    (see :func:`_allocate`); within each stratum the groups are shuffled by
+    ``np.random.default_rng(seed)`` and the first ones go to test. When every group is one
+    image and ``test_fraction * n_class`` is whole, class ``c`` gets exactly that many test images.
     """
     n = len(labels)
     keys = [(groups[i] if groups is not None and groups[i] is not None else f"#image{i}") for i in range(n)]
@@ -53,15 +55,31 @@ def stratified_split(labels: Sequence[int], groups: Sequence[str | None] | None 
         c = Counter(labels[i] for i in members[key])
         top = max(c.values())
         strata[min(lbl for lbl, v in c.items() if v == top)].append(key)
+    n_test = _allocate(test_fraction, {label: len(keys_) for label, keys_ in strata.items()})
     rng = np.random.default_rng(seed)
     out = ["train"] * n
     for label in sorted(strata):
         group_keys = strata[label]
         order = rng.permutation(len(group_keys))
-        n_test = int(round(test_fraction * len(group_keys)))
-        for j in order[:n_test]:
+        for j in order[:n_test[label]]:
             for i in members[group_keys[j]]:
                 out[i] = "test"
+    return out
+
+
+def _allocate(fraction: float, sizes: dict[int, int]) -> dict[int, int]:
+    """Share ``round(fraction * total)`` over strata: floors first, then largest remainders
+    (ties: the smaller label), never more than a stratum holds."""
+    total = int(round(fraction * sum(sizes.values())))
+    exact = {k: fraction * v for k, v in sizes.items()}
+    out = {k: int(np.floor(x + 1e-9)) for k, x in exact.items()}
+    left = total - sum(out.values())
+    for k in sorted(sizes, key=lambda k: (-(exact[k] - out[k]), k)):
+        if left <= 0:
+            break
+        if out[k] < sizes[k]:
+            out[k] += 1
+            left -= 1
     return out
 
 
