@@ -177,15 +177,14 @@ def test_nan_features_name_model_and_record(prepared, tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "features" / key / "meta.json").exists()
 
 
-def test_bad_records_are_dropped(tmp_path: Path) -> None:
+def test_bad_records_are_listed(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path / "imgs", n=6)
     Path(ds.records[2].path).write_bytes(b"broken")
     p = prepare(ds, size=32, cache_dir=tmp_path / "c", workers=1, skip_bad=True, progress=False)
     model = load_model("test-tiny", weights="random")
     fs = extract_features(model, p, cache_dir=tmp_path / "c", progress=False)
-    assert len(fs) == 5 and fs.meta["dropped_records"] == [2]
-    assert [r.path for r in fs.records] == [r.path for i, r in enumerate(ds.records) if i != 2]
-    np.testing.assert_allclose(fs.features, direct_features(model, p.array)[[0, 1, 3, 4, 5]], rtol=1e-4, atol=1e-5)
+    assert len(fs) == 6 and fs.meta["bad"] == [2] and fs.records == ds.records  # aligned, bad listed
+    np.testing.assert_allclose(fs.features, direct_features(model, p.array), rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_close_to_fp32(tmp_path: Path) -> None:

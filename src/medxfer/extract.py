@@ -96,8 +96,9 @@ def extract_features(
 
     ``data``: a prepared dataset, or a Dataset that is prepared first (same cache).
     ``num_workers``: background loader threads (None = 2 on CUDA, 1 on CPU).
-    Records that could not be decoded (``prepared.bad``, only with ``skip_bad``) are left out
-    of the returned set; ``meta["dropped_records"]`` lists their prepared indices.
+    Rows stay aligned with ``prepared.records``: records that could not be decoded
+    (``prepared.bad``, only with ``skip_bad``) hold the features of their all-zero image and
+    are listed in ``meta["bad"]``; callers leave them out (``FeatureSet.subset``).
     """
     assert_eval(model)
     autocast_context(device or default_device(), precision)  # validate before any work
@@ -324,13 +325,7 @@ def _load(model: Backbone, prepared: PreparedImages, out: Path, key: str) -> Fea
     if feats.shape != (len(prepared), model.feature_dim):
         raise FeatureError(f"{out}: cached features have shape {feats.shape}, expected "
                            f"{len(prepared)} x {model.feature_dim}; delete the folder")
-    records, labels, splits = list(prepared.records), prepared.labels, prepared.splits
-    meta = dict(meta, dropped_records=list(prepared.bad), path=str(out))
-    if prepared.bad:
-        keep = np.setdiff1d(np.arange(len(records)), np.asarray(prepared.bad, dtype=np.int64))
-        feats = np.asarray(feats[keep])
-        records = [records[i] for i in keep]
-        labels, splits = labels[keep], splits[keep]
-    return FeatureSet(features=feats, labels=labels, splits=splits, records=records,
+    meta = dict(meta, bad=list(prepared.bad), path=str(out))
+    return FeatureSet(features=feats, labels=prepared.labels, splits=prepared.splits, records=list(prepared.records),
                       class_names=prepared.class_names, model=model.name, dataset=prepared.dataset,
                       key=key, headline_metric=prepared.headline_metric, meta=meta)
