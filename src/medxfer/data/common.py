@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import csv
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from medxfer.data.records import DatasetError
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
 MAX_LISTED = 50  # messages listed per kind of problem before summarising the rest
@@ -138,23 +135,6 @@ def index_by_stem(folders: Iterable[Path], extensions: Iterable[str] | None = No
             if entry.suffix.lower() in exts and not entry.name.startswith(".") and entry.is_file():
                 out.setdefault(entry.stem, entry.resolve())
     return out
-
-
-def require_dir(path: Path, what: str, hint: str = "") -> Path:
-    """``path`` if it is a folder, else a DatasetError saying what was expected."""
-    if not path.exists():
-        raise DatasetError(f"{path}: {what} not found{'; ' + hint if hint else ''}")
-    if not path.is_dir():
-        raise DatasetError(f"{path}: expected {what} to be a folder{'; ' + hint if hint else ''}")
-    return path
-
-
-def find_root(root: Path, marker: str, candidates: Iterable[str] = ()) -> Path:
-    """The folder holding ``marker``: ``root`` itself or one of ``root/<candidate>``."""
-    for base in (root, *(root / c for c in candidates)):
-        if (base / marker).exists():
-            return base
-    return root
 
 
 def option_choice(name: str, value: object, choices: Iterable[str]) -> str:

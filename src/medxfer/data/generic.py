@@ -119,6 +119,10 @@ def load_csv(root: Path, *, skip_bad: bool = False, name: str | None = None,
     records = [Record(path=str(p), label=label_of[lbl], split=sp or "train", patient=pat)
                for p, lbl, sp, pat in rows]
     given = [sp for _, _, sp, _ in rows]
+    n_given = sum(sp is not None for sp in given)
+    if 0 < n_given < len(given):
+        issues.note(f"{csv_file}: only {n_given} of {len(given)} rows have a split; "
+                    f"all rows get the seeded 80/20 split instead")
     info = generic_info(name, class_names, "a CSV file with columns path,label[,split,patient]")
     return finish_dataset(info, records, base, issues, {"source": "csv", "seed": seed}, split=split,
                           default=keep_given_or(default_split_fn(seed), given), paper=paper_80_20)
