@@ -168,11 +168,11 @@ def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
     return FORMATS.register(fmt.name, fmt)
 
 
-def convert_checkpoint(path: str | os.PathLike[str], spec: Any, trunk: nn.Module) -> StateDict:
-    """Run the full pipeline for ``spec`` on ``path`` and load the result into ``trunk``.
+def convert_checkpoint(path: str | os.PathLike[str], spec: Any) -> StateDict:
+    """Run the full pipeline for ``spec`` on ``path``; return the loaded trunk's state dict.
 
-    Returns ``trunk.state_dict()`` (cloned, contiguous): the headless trunk exactly as
-    converted, ``num_batches_tracked`` included.
+    The result is the headless trunk exactly as converted (``num_batches_tracked``
+    included, float tensors in the trunk's dtype), ready to be cached.
     """
     path = Path(path)
     fmt = FORMATS.get(spec.fmt)
@@ -182,13 +182,46 @@ def convert_checkpoint(path: str | os.PathLike[str], spec: Any, trunk: nn.Module
     sd = drop_heads(sd, spec.drop)
     sd = fmt.convert(sd, source)
     sd = fix_densenet_legacy(sd)
-    load_trunk_state(trunk, sd, source=source)
-    return {k: v.detach().clone().contiguous() for k, v in trunk.state_dict().items()}
+    return dict(trunk_from_state(spec.arch, sd, source=source).state_dict())
 
 
-def load_trunk_state(trunk: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Strictly load ``sd`` into ``trunk``; only missing ``num_batches_tracked`` is tolerated."""
+def trunk_from_state(arch: str, sd: Mapping[str, torch.Tensor], *, source: str, check_finite: bool = True) -> nn.Module:
+    """Build the ``arch`` trunk directly from ``sd`` (no wasted random initialisation).
+
+    The trunk is created on the meta device, checked strictly against ``sd`` (see
+    :func:`load_trunk_state`) and its tensors are then assigned from ``sd``.
+    """
+    from medxfer.models.backbone import ARCHS
+
+    with torch.device("meta"):
+        trunk = ARCHS.get(arch)()
     expected = trunk.state_dict()
+    check_state(trunk, expected, sd, source=source, check_finite=check_finite)
+    full = {}
+    for k, v in expected.items():
+        t = sd[k] if k in sd else torch.zeros(v.shape, dtype=v.dtype)  # only num_batches_tracked
+        full[k] = t.to(dtype=v.dtype).contiguous()
+    trunk.load_state_dict(full, strict=True, assign=True)
+    return trunk
+
+
+def load_trunk_state(trunk: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str,
+                     check_finite: bool = True) -> None:
+    """Strictly load ``sd`` into ``trunk``; only missing ``num_batches_tracked`` is tolerated.
+
+    ``check_finite`` also refuses NaN/inf weights (skipped for our own verified cache files).
+    """
+    expected = trunk.state_dict()
+    check_state(trunk, expected, sd, source=source, check_finite=check_finite)
+    with torch.no_grad():
+        for k, v in expected.items():
+            if k in sd:
+                v.copy_(sd[k].to(dtype=v.dtype))
+
+
+def check_state(trunk: nn.Module, expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *,
+                source: str, check_finite: bool = True) -> None:
+    """Raise :class:`CheckpointError` listing missing / unexpected / mis-shaped / non-finite keys."""
     missing = sorted(k for k in expected if k not in sd and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in sd if k not in expected)
     shapes = sorted(
@@ -202,13 +235,10 @@ def load_trunk_state(trunk: nn.Module, sd: Mapping[str, torch.Tensor], *, source
                 more = f" ... (+{len(keys) - 20} more)" if len(keys) > 20 else ""
                 parts.append(f"{len(keys)} {label}: {keys[:20]}{more}")
         raise CheckpointError("; ".join(parts))
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if nonfinite:
-        raise CheckpointError(f"{source}: non-finite values in {nonfinite[:10]}")
-    with torch.no_grad():
-        for k, v in expected.items():
-            if k in sd:
-                v.copy_(sd[k].to(dtype=v.dtype))
+    if check_finite:
+        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise CheckpointError(f"{source}: non-finite values in {nonfinite[:10]}")
 
 
 def save_converted(path: str | os.PathLike[str], sd: StateDict, metadata: dict[str, str]) -> None:
@@ -224,5 +254,5 @@ def save_converted(path: str | os.PathLike[str], sd: StateDict, metadata: dict[s
 __all__ = [
     "CONVERTER_VERSION", "CheckpointError", "CheckpointFormat", "FORMATS", "UnsafeCheckpointError",
     "as_state_dict", "convert_checkpoint", "drop_heads", "fix_densenet_legacy", "keep_prefix",
-    "load_trunk_state", "read_converted", "read_torch", "register_format", "save_converted", "unwrap",
+    "load_trunk_state", "read_converted", "trunk_from_state", "check_state", "read_torch", "register_format", "save_converted", "unwrap",
 ]

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from medxfer.cache import content_key, resolve_cache_dir
-from medxfer.models.backbone import build_trunk
 from medxfer.models.checkpoint import CONVERTER_VERSION, FORMATS, convert_checkpoint, save_converted
 from medxfer.models.download import ExpectedHash, download, verify
 from medxfer.models.errors import (
@@ -189,8 +188,7 @@ def fetch(
                 raise CheckpointError(f"{exc}. If you trust this file, pass --no-verify (verify_hash=False).") from exc
         if sha is None:
             sha = verify(original, ExpectedHash(), spec.name)
-        trunk = build_trunk(spec.arch)
-        sd = convert_checkpoint(original, spec, trunk)
+        sd = convert_checkpoint(original, spec)
         save_converted(out, sd, {
             "medxfer_model": spec.name, "source": str(original), "source_sha256": sha,
             "format": spec.fmt, "converter_version": str(CONVERTER_VERSION),

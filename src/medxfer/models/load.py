@@ -8,7 +8,7 @@ import os
 import torch
 
 from medxfer.models.backbone import Backbone, build_trunk
-from medxfer.models.checkpoint import load_trunk_state, read_converted
+from medxfer.models.checkpoint import read_converted, trunk_from_state
 from medxfer.models.errors import WeightsUnavailableError
 from medxfer.models.fetch import fetch, is_cached, weights_path
 from medxfer.models.normalize import NORMALIZATIONS
@@ -60,12 +60,11 @@ def load_model(
         trunk = build_trunk(spec.arch, seed=seed)
         label = f"random init (seed {seed})"
     elif weights == "pretrained":
-        trunk = build_trunk(spec.arch, seed=seed)
-        load_trunk_state(trunk, pretrained_state_dict(spec, cache_dir), source=f"cached weights of {spec.name}")
+        trunk = trunk_from_state(spec.arch, pretrained_state_dict(spec, cache_dir),
+                                 source=f"cached weights of {spec.name}", check_finite=False)  # checked when converted
         label = f"pretrained ({spec.base or spec.name})"
     else:
-        trunk = build_trunk(spec.arch, seed=seed)
-        load_trunk_state(trunk, read_converted(weights), source=str(weights))
+        trunk = trunk_from_state(spec.arch, read_converted(weights), source=str(weights))
         label = f"file {weights}"
     model = Backbone(spec, trunk, label)
     model.eval()

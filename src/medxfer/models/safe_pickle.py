@@ -102,8 +102,16 @@ def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any 
     return arr
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """Protocol-2 pickles from Python 3 store ``bytes`` as ``_codecs.encode(str, 'latin1')``."""
+    if not isinstance(text, str) or encoding.lower() not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError(f"refusing _codecs.encode with {type(text).__name__}/{encoding!r}")
+    return text.encode("latin1")
+
+
 BASE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
