@@ -20,12 +20,13 @@ Pairs: each lateral image with the (first listed) frontal image of the same pati
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from medxfer.data.build import default_split_fn, finish_dataset
-from medxfer.data.common import Issues, option_choice, read_csv_rows
-from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record, check_inside
+from medxfer.data.common import Issues, join_inside, option_choice, read_csv_rows
+from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
 from medxfer.data.registry import DatasetAdapter, register_dataset
 from medxfer.data.splits import shuffled_split
 
@@ -60,11 +61,15 @@ def _base(root: Path) -> Path:
                        f"(or CheXpert-v1.0/) folder")
 
 
-def _resolve(base: Path, rel: str, where: str) -> Path:
-    parts = Path(rel).parts
+def _resolve(base: str, rel: str, where: str) -> str:
+    """The absolute image path for a ``Path`` value, refusing values that leave the folder."""
+    parts = rel.replace("\\", "/").split("/")
     if parts and parts[0].lower().startswith("chexpert"):
         parts = parts[1:]  # the release's own folder name, whatever the user renamed it to
-    return check_inside(base, base.joinpath(*parts), where)
+    path = join_inside(base, "/".join(parts))
+    if path is None:
+        raise DatasetError(f"{where}: path {rel!r} escapes the dataset folder {base!r}")
+    return path
 
 
 def _read(csv_file: Path, base: Path, source: str, uncertain: str, views: str, issues: Issues,
@@ -72,6 +77,7 @@ def _read(csv_file: Path, base: Path, source: str, uncertain: str, views: str, i
     """Records of one CSV and, for each, its 0-based row position in the file."""
     records: list[Record] = []
     positions: list[int] = []
+    base_str = str(base.resolve())
     counters[f"{source}_rows"] = 0
     for pos, (line, row) in enumerate(read_csv_rows(csv_file, ["Path", "Frontal/Lateral", TARGET])):
         counters[f"{source}_rows"] += 1
@@ -99,14 +105,14 @@ def _read(csv_file: Path, base: Path, source: str, uncertain: str, views: str, i
         else:
             label = value
         try:
-            path = _resolve(base, row["Path"], where)
+            path = _resolve(base_str, row["Path"], where)
         except DatasetError as exc:
             issues.bad(str(exc), kind="path outside the dataset folder")
             continue
-        if not path.is_file():
+        if not os.path.isfile(path):
             issues.bad(f"{where}: image file not found: {path}", kind="missing file")
             continue
-        records.append(Record(path=str(path), label=label, split="val" if source == "valid" else "train",
+        records.append(Record(path=path, label=label, split="val" if source == "valid" else "train",
                               patient=m.group(1), study=f"{m.group(1)}/{m.group(2)}", view=view))
         positions.append(pos)
     return records, positions

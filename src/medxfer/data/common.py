@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -202,3 +203,15 @@ def find_table(candidates: Iterable[Path], required: Iterable[str]) -> Path | No
         if c.is_file() and all(col in table_columns(c) for col in need):
             return c
     return None
+
+
+def join_inside(base: str, rel: str) -> str | None:
+    """``base/rel`` normalised, or None when ``rel`` is absolute or ``..`` leads out of ``base``.
+
+    A purely lexical check (no file-system calls), for tables with hundreds of thousands of
+    rows where resolving every path would take minutes; ``base`` must already be resolved.
+    """
+    if os.path.isabs(rel):
+        return None
+    joined = os.path.normpath(os.path.join(base, rel))
+    return joined if joined.startswith(base.rstrip(os.sep) + os.sep) else None
