@@ -106,7 +106,7 @@ def test_chexpert_bad_rows(synth, tmp_path: Path) -> None:
     fields[0] = fields[0].replace("view", "nothere")
     lines[4] = ",".join(fields)
     fields = lines[5].split(",")
-    fields[0] = "CheXpert-v1.0-small/../../escape.jpg"
+    fields[0] = "CheXpert-v1.0-small/../../patient00001/study1/view1_frontal.jpg"
     lines[5] = ",".join(fields)
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError) as err:
