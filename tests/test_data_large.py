@@ -246,3 +246,29 @@ def test_large_info(name: str) -> None:
     info = DATASETS.get(name).info
     assert info.fewshot_pool == 10001 and info.citation and info.licence and info.layout
     assert info.in_domain == (name != "eyepacs")
+
+
+def test_validate_skip_bad_reindexes_pairs(synth, tmp_path: Path) -> None:
+    root = shutil.copytree(synth("eyepacs"), tmp_path / "eyepacs")
+    full = load_dataset("eyepacs", root)
+    left, right = full.pairs[0]
+    Path(full.records[left].path).write_bytes(b"\xff\xd8 broken jpeg")
+    broken_patient = full.records[left].patient
+    with pytest.raises(DatasetError, match="cannot be read"):
+        validate_dataset("eyepacs", root, progress=False)
+    ds = validate_dataset("eyepacs", root, skip_bad=True, progress=False)
+    assert len(ds) == len(full) - 1 and len(ds.pairs) == len(full.pairs) - 1
+    assert any(Path(full.records[left].path).name in p for p in ds.problems)
+    for a, b in ds.pairs:
+        ra, rb = ds.records[a], ds.records[b]
+        assert ra.patient == rb.patient != broken_patient and (ra.eye, rb.eye) == ("left", "right")
+
+
+def test_eyepacs_explicit_test_labels(synth, tmp_path: Path) -> None:
+    root = shutil.copytree(synth("eyepacs"), tmp_path / "eyepacs")
+    solution = (root / "retinopathy_solution.csv").rename(tmp_path / "solution.csv")
+    assert load_dataset("eyepacs", root).counts().keys() == {"train", "test"}
+    ds = load_dataset("eyepacs", root, test_labels=str(solution))
+    assert sum(r.split == "test" for r in ds.records) == 20 and ds.options["test_labels"] == "solution.csv"
+    with pytest.raises(DatasetError, match="test labels file not found"):
+        load_dataset("eyepacs", root, test_labels=str(tmp_path / "nope.csv"))

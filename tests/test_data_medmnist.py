@@ -62,3 +62,14 @@ def test_medmnist_resplit_and_errors(tmp_path: Path) -> None:
         load_dataset("medmnist", tmp_path / "junk.npz")
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("medmnist", tmp_path / "none.npz")
+
+
+def test_medmnist_split_file_roundtrip(tmp_path: Path) -> None:
+    from medxfer.data import read_split_file, write_split_file
+
+    f = _npz(tmp_path / "organmnist.npz")
+    ds = load_dataset("medmnist", f, split="paper")
+    split_file = write_split_file(ds, tmp_path / "split.csv")
+    assert "organmnist.npz#test_images/2" in read_split_file(split_file)
+    again = load_dataset("medmnist", f, split=str(split_file))
+    assert [r.split for r in again.records] == [r.split for r in ds.records]
