@@ -68,9 +68,48 @@ def histogram_equalize(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """CovidPrognosis's ``HistogramNormalize`` (the MIMIC-CheXpert training code), batched.
+
+    Per image and channel: ``np.histogram(v, 256, density=True)`` over [min, max] (a
+    constant image uses [v - 0.5, v + 0.5], as numpy does), ``cdf = 255 * cdf / cdf[-1]``,
+    then ``np.interp(v, left_bin_edges, cdf)``. Unlike :func:`histogram_equalize` the darkest
+    pixel maps to the first bin's share (not 0). Output float32 in [0, 255].
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    b, c, h, w = x.shape
+    v = x.reshape(b * c, h * w).double()
+    lo, hi = v.min(1, keepdim=True).values, v.max(1, keepdim=True).values
+    flat = lo == hi
+    lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
+    step = (hi - lo) / bins
+    edges = torch.arange(bins + 1, device=x.device, dtype=torch.float64) * step + lo  # numpy linspace
+    edges[:, -1:] = hi
+    # numpy's bin index: scaled position, then corrected against the actual edges
+    idx = ((v - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
+    idx = idx - (v < torch.gather(edges, 1, idx)).long()
+    idx = idx + ((v >= torch.gather(edges, 1, idx + 1)) & (idx != bins - 1)).long()
+    counts = torch.zeros(b * c, bins, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, idx, torch.ones_like(v))
+    cdf = counts.cumsum(1)
+    cdf = 255.0 * cdf / cdf[:, -1:]
+    left = edges[:, :-1].contiguous()
+    j = (torch.searchsorted(left, v.contiguous(), right=True) - 1).clamp_(0, bins - 1)
+    x0, y0 = torch.gather(left, 1, j), torch.gather(cdf, 1, j)
+    j1 = (j + 1).clamp_(max=bins - 1)
+    x1, y1 = torch.gather(left, 1, j1), torch.gather(cdf, 1, j1)
+    slope = torch.where(j1 > j, (y1 - y0) / (x1 - x0), torch.zeros_like(y0))
+    out = torch.where(j1 > j, y0 + (v - x0) * slope, y0).float().reshape(b, c, h, w)
+    if c == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return out
+
+
 NORMALIZATIONS.register("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
 NORMALIZATIONS.register("none", to_rgb_float, aliases=("raw",))
 NORMALIZATIONS.register("histeq", histogram_equalize, aliases=("histogram-equalization",))
+NORMALIZATIONS.register("histeq-covidprognosis", histogram_equalize_covidprognosis, aliases=("histeq-cp",))
 NORMALIZATIONS.register("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
 
 
