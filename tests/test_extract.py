@@ -27,9 +27,16 @@ def direct_features(model, array: np.ndarray) -> np.ndarray:
         return model(model.normalize(x)).numpy()
 
 
-def count_forwards(model) -> list[int]:
+def count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of every forward pass the extraction runs."""
     calls: list[int] = []
-    model.trunk.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    real = ex._Runner._forward
+
+    def counting(self, part):
+        calls.append(len(part))
+        return real(self, part)
+
+    monkeypatch.setattr(ex._Runner, "_forward", counting)
     return calls
 
 
@@ -68,9 +75,9 @@ def test_eval_mode_is_asserted(prepared, tmp_path: Path) -> None:
         extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
 
 
-def test_cache_reused_and_invalidated(prepared, tmp_path: Path) -> None:
+def test_cache_reused_and_invalidated(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model("test-tiny", weights="random")
-    calls = count_forwards(model)
+    calls = count_forwards(monkeypatch)
     a = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=5, progress=False)
     assert sum(calls) == 10
     b = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=5, progress=False)
@@ -97,25 +104,27 @@ def test_interrupted_extraction_resumes(prepared, tmp_path: Path, monkeypatch: p
     ref = extract_features(model, prepared, cache_dir=tmp_path / "ref", batch_size=2, progress=False)
     monkeypatch.setattr(ex, "FLUSH_EVERY_BATCHES", 1)
     n_calls = [0]
+    real = ex._Runner._forward
 
-    def dying(module, inputs, output):
+    def dying(self, part):
         n_calls[0] += 1
         if n_calls[0] == 3:
             raise KeyboardInterrupt
+        return real(self, part)
 
-    handle = model.trunk.register_forward_hook(dying)
+    monkeypatch.setattr(ex._Runner, "_forward", dying)
     with pytest.raises(KeyboardInterrupt):
         extract_features(model, prepared, cache_dir=tmp_path / "c2", batch_size=2, progress=False)
-    handle.remove()
+    monkeypatch.setattr(ex._Runner, "_forward", real)
     done = np.load(tmp_path / "c2" / "features" / ref.key / "done.npy")
     assert done.tolist() == [True] * 4 + [False] * 6
-    calls = count_forwards(model)
+    calls = count_forwards(monkeypatch)
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c2", batch_size=2, progress=False)
     assert sum(calls) == 6 and fs.meta["images_extracted"] == 6
     np.testing.assert_allclose(fs.features, ref.features, rtol=1e-5, atol=1e-6)
 
 
-def test_killed_extraction_resumes(prepared, tmp_path: Path) -> None:
+def test_killed_extraction_resumes(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hard kill mid-run: the next run redoes only what the last flush had not recorded."""
     script = textwrap.dedent(f"""
         import os
@@ -131,11 +140,13 @@ def test_killed_extraction_resumes(prepared, tmp_path: Path) -> None:
         ex.FLUSH_EVERY_BATCHES = 2
         model = load_model("test-tiny", weights="random")
         calls = []
-        def die(m, i, o):
+        real = ex._Runner._forward
+        def die(self, part):
             calls.append(1)
             if len(calls) == 4:
                 os._exit(3)
-        model.trunk.register_forward_hook(die)
+            return real(self, part)
+        ex._Runner._forward = die
         ex.extract_features(model, p, cache_dir={str(tmp_path / "c")!r}, batch_size=2, progress=False)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -145,7 +156,7 @@ def test_killed_extraction_resumes(prepared, tmp_path: Path) -> None:
     key = features_key(model, prepared.key)
     done = np.load(tmp_path / "c" / "features" / key / "done.npy")
     assert done.tolist() == [True] * 4 + [False] * 6
-    calls = count_forwards(model)
+    calls = count_forwards(monkeypatch)
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=2, progress=False)
     assert sum(calls) == 6
     np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)
@@ -158,19 +169,19 @@ def json_records(prepared) -> str:
     return json.dumps([asdict(r) for r in prepared.records])
 
 
-def test_nan_features_name_model_and_record(prepared, tmp_path: Path) -> None:
+def test_nan_features_name_model_and_record(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model("test-tiny", weights="random")
-
     calls: list[int] = []
+    real = ex._Runner._forward
 
-    def poison(module, inputs, output):
+    def poison(self, part):
         calls.append(1)
-        out = output.clone()
+        out = real(self, part).clone()
         if len(calls) == 2:  # second batch of 4: row 1 is record 5
             out[1] = float("nan")
         return out
 
-    model.trunk.register_forward_hook(poison)
+    monkeypatch.setattr(ex._Runner, "_forward", poison)
     with pytest.raises(FeatureError, match=r"test-tiny.*record 5 .*img5\.png"):
         extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=4, progress=False)
     key = features_key(model, prepared.key)
@@ -218,3 +229,16 @@ def test_cuda_matches_cpu(prepared, tmp_path: Path) -> None:
     a = extract_features(model, prepared, cache_dir=tmp_path / "a", device="cpu", progress=False).features
     b = extract_features(model, prepared, cache_dir=tmp_path / "b", device="cuda", progress=False).features
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+
+
+def test_batchnorm_folding_is_exact_and_leaves_model_alone(prepared, tmp_path: Path) -> None:
+    model = load_model("supervised-r18", weights="random")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = extract_features(model, prepared, cache_dir=tmp_path / "a", fuse=True, progress=False)
+    b = extract_features(model, prepared, cache_dir=tmp_path / "b", fuse=False, progress=False)
+    assert a.meta["fused_batchnorm"] and not b.meta["fused_batchnorm"]
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4 * np.abs(b.features).max())
+    np.testing.assert_allclose(b.features, direct_features(model, prepared.array), rtol=1e-4,
+                               atol=1e-4 * np.abs(b.features).max())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

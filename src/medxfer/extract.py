@@ -91,11 +91,16 @@ def extract_features(
     progress: bool = True,
     size: int = 224,
     resize: str = "aspect",
+    fuse: bool = True,
 ) -> FeatureSet:
     """Pooled features of every prepared image, cached and resumable (see module docstring).
 
     ``data``: a prepared dataset, or a Dataset that is prepared first (same cache).
     ``num_workers``: background loader threads (None = 2 on CUDA, 1 on CPU).
+    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast (features stay float32; they
+    agree with fp32 within :data:`AUTOCAST_TOLERANCE`, checked by the tests and benchmarks).
+    ``compile``: ``torch.compile`` the trunk (worth it for large jobs only: compiling takes
+    minutes). ``fuse``: run a BatchNorm-folded copy of the trunk (exact in eval mode).
     Rows stay aligned with ``prepared.records``: records that could not be decoded
     (``prepared.bad``, only with ``skip_bad``) hold the features of their all-zero image and
     are listed in ``meta["bad"]``; callers leave them out (``FeatureSet.subset``).
@@ -108,12 +113,13 @@ def extract_features(
     out = resolve_cache_dir(cache_dir) / "features" / key
     if not (out / "meta.json").is_file():
         _extract_to_cache(model, prepared, out, batch_size=batch_size, device=device or default_device(),
-                          precision=precision, num_workers=num_workers, compile=compile, progress=progress)
+                          precision=precision, num_workers=num_workers, compile=compile, fuse=fuse,
+                          progress=progress)
     return _load(model, prepared, out, key)
 
 
 def _extract_to_cache(model: Backbone, prepared: PreparedImages, out: Path, *, batch_size: int | None,
-                      device: str, precision: str, num_workers: int | None, compile: bool,
+                      device: str, precision: str, num_workers: int | None, compile: bool, fuse: bool,
                       progress: bool) -> None:
     n = len(prepared)
     dim = int(model.feature_dim)
@@ -125,7 +131,7 @@ def _extract_to_cache(model: Backbone, prepared: PreparedImages, out: Path, *, b
         log.info("extract %s on %s: resuming, %d of %d images left", model.name, prepared.dataset, len(todo), n)
     bs = batch_size or default_batch_size(device)
     workers = num_workers if num_workers is not None else (2 if torch.device(device).type == "cuda" else 1)
-    runner = _Runner(model, device, precision, compile)
+    runner = _Runner(model, device, precision, compile, fuse)
     bar = tqdm(total=n, initial=n - len(todo), desc=f"extract {model.name} on {prepared.dataset}",
                unit="img", disable=not progress, leave=False)
     t0 = time.perf_counter()
@@ -159,7 +165,7 @@ def _extract_to_cache(model: Backbone, prepared: PreparedImages, out: Path, *, b
         "model": model.name, "weights": model.weights, "weights_hash": model.weights_hash,
         "dataset": prepared.dataset, "prepared_key": prepared.key, "layer": LAYER,
         "n": n, "dim": dim, "device": str(device), "precision": precision, "batch_size": runner.batch_cap or bs,
-        "compile": compile, "num_workers": workers, "seconds": round(seconds, 3),
+        "compile": compile, "fused_batchnorm": runner.fused, "num_workers": workers, "seconds": round(seconds, 3),
         "images_extracted": int(len(todo)),
         "images_per_second": round(len(todo) / seconds, 3) if seconds > 0 and len(todo) else None,
         "torch": torch.__version__,
@@ -169,19 +175,41 @@ def _extract_to_cache(model: Backbone, prepared: PreparedImages, out: Path, *, b
     log.info("extract %s on %s: %d images in %.1fs", model.name, prepared.dataset, len(todo), seconds)
 
 
-class _Runner:
-    """Moves the model to the device (channels-last) and runs normalised batches through it."""
+def fold_batchnorm(trunk: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of an eval-mode trunk with every conv -> BatchNorm pair folded into one conv.
 
-    def __init__(self, model: Backbone, device: str, precision: str, compile: bool) -> None:
+    Exact in eval mode up to float rounding, and one memory pass less per layer (about 20-40%
+    faster ResNet inference on CPU). None when the trunk cannot be traced symbolically.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(trunk, inplace=False)
+    except Exception as exc:  # untraceable custom trunks keep their own forward
+        log.info("batchnorm folding not applied (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+class _Runner:
+    """Puts the trunk on the device (channels-last) and runs normalised batches through it.
+
+    With ``fuse`` the trunk runs as a BatchNorm-folded copy (the caller's model is untouched);
+    otherwise the model itself is moved and moved back by :meth:`restore`.
+    """
+
+    def __init__(self, model: Backbone, device: str, precision: str, compile: bool, fuse: bool = True) -> None:
         self.model = model
         self.device = torch.device(device)
         self.precision = precision
         self.pin = self.device.type == "cuda"
         first = next(model.parameters(), None)
         self._home = first.device if first is not None else torch.device("cpu")
-        model.to(self.device, memory_format=torch.channels_last)
+        folded = fold_batchnorm(model.trunk) if fuse else None
+        self.fused = folded is not None
+        trunk = folded if folded is not None else model.trunk
+        trunk.to(self.device, memory_format=torch.channels_last)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(model.trunk) if compile else model.trunk)  # type: ignore[assignment]
+            torch.compile(trunk) if compile else trunk)  # type: ignore[assignment]
         self.batch_cap: int | None = None  # lowered on CUDA out-of-memory
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -211,7 +239,8 @@ class _Runner:
         return y.float().cpu()
 
     def restore(self) -> None:
-        self.model.to(self._home)
+        if not self.fused:
+            self.model.trunk.to(self._home)
 
 
 def _prefetch(array: np.ndarray, todo: np.ndarray, batch_size: int, workers: int,
