@@ -1,0 +1,183 @@
+"""Linear probe: solver parity with scikit-learn, C selection, the result contract, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medxfer
+from medxfer.features import FeatureSet
+from medxfer.protocols.base import PROTOCOLS
+from medxfer.protocols.linear import lambda_grid, run_linear
+from medxfer.protocols.logreg import fit_path
+from medxfer.protocols.splits import carve_validation
+
+linear_model = pytest.importorskip("sklearn.linear_model")
+
+
+def blobs(n: int, d: int, k: int, seed: int = 0, sep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping non-negative class clusters (like pooled post-ReLU features)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, d)) * sep
+    y = rng.integers(0, k, n)
+    x = np.maximum(means[y] + rng.normal(size=(n, d)) + 1.0, 0.0)
+    return x.astype(np.float32), y
+
+
+def sk_fit(x: np.ndarray, y: np.ndarray, c: float):
+    return linear_model.LogisticRegression(C=c, tol=1e-10, max_iter=20000).fit(x.astype(np.float64), y)
+
+
+def test_grid_is_the_papers() -> None:
+    grid = lambda_grid()
+    assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    assert np.any(np.isclose(1 / grid, 5623.413, rtol=1e-6))
+
+
+@pytest.mark.parametrize("n,d", [(300, 12), (40, 60)])  # N > D (full basis) and N < D (reduced)
+def test_path_matches_sklearn_multinomial(n: int, d: int) -> None:
+    x, y = blobs(n, d, 3, seed=n)
+    lambdas = np.array([1e-2, 1.0, 30.0, 1e3])
+    path = fit_path(x, y, lambdas, tol=1e-9, max_iter=5000, dtype=torch.float64, device="cpu")
+    assert path.converged.all()
+    proba = path.predict_proba(x)
+    for i, lam in enumerate(lambdas):
+        ref = sk_fit(x, y, 1 / lam)
+        np.testing.assert_allclose(proba[i], ref.predict_proba(x), atol=2e-5)
+        np.testing.assert_allclose(path.coef[i], ref.coef_.T, atol=2e-4 * max(1.0, np.abs(ref.coef_).max()))
+        np.testing.assert_allclose(path.intercept[i], ref.intercept_, atol=2e-4 * max(1.0, np.abs(ref.intercept_).max()))
+
+
+def test_float32_default_is_close_to_sklearn() -> None:
+    x, y = blobs(400, 16, 4, seed=3)
+    lambdas = lambda_grid()[::4]
+    path = fit_path(x, y, lambdas, device="cpu")  # float32, tol 1e-4 (the defaults)
+    assert path.converged.all() and (path.grad_max <= 1e-4).all()
+    proba = path.predict_proba(x)
+    for i in (0, 5, len(lambdas) - 1):
+        np.testing.assert_allclose(proba[i], sk_fit(x, y, 1 / lambdas[i]).predict_proba(x), atol=5e-3)
+
+
+def test_binary_multinomial_equals_sklearn_binomial_at_twice_c() -> None:
+    # a 2-class softmax with ||W||^2 / (2CN) is the binomial model with C' = 2C
+    x, y = blobs(200, 8, 2, seed=5)
+    path = fit_path(x, y, np.array([0.5]), tol=1e-10, max_iter=5000, dtype=torch.float64, device="cpu")
+    ref = sk_fit(x, y, 2 * (1 / 0.5))
+    np.testing.assert_allclose(path.predict_proba(x)[0], ref.predict_proba(x), atol=1e-6)
+
+
+def test_reused_basis_gives_the_same_fit() -> None:
+    x, y = blobs(300, 10, 3, seed=7)
+    first = fit_path(x[:200], y[:200], np.array([1.0]), dtype=torch.float64, tol=1e-10, device="cpu")
+    assert first.basis is not None
+    a = fit_path(x, y, np.array([2.0]), dtype=torch.float64, tol=1e-10, device="cpu")
+    b = fit_path(x, y, np.array([2.0]), dtype=torch.float64, tol=1e-10, device="cpu", basis=first.basis)
+    np.testing.assert_allclose(a.coef, b.coef, atol=1e-6)
+
+
+def feature_set(n: int = 600, d: int = 20, k: int = 3, seed: int = 0, with_val: bool = True,
+                headline: str = "accuracy") -> FeatureSet:
+    x, y = blobs(n, d, k, seed=seed, sep=0.35)
+    rng = np.random.default_rng(seed + 100)
+    names = np.array(["train", "val", "test"], dtype=object)
+    splits = names[rng.choice(3, size=n, p=[0.6, 0.2, 0.2])]
+    if not with_val:
+        splits[splits == "val"] = "train"
+    fs = FeatureSet.from_arrays(x, y, splits, model="m", dataset="d")
+    fs.headline_metric = headline
+    return fs
+
+
+def test_chosen_c_and_test_accuracy_match_sklearn() -> None:
+    fs = feature_set()
+    res = run_linear(fs, seed=0, tol=1e-6)
+    tr, va, te = (fs.split_indices(s) for s in ("train", "val", "test"))
+    grid = lambda_grid()
+    curve = [100 * sk_fit(fs.features[tr], fs.labels[tr], 1 / lam).score(fs.features[va], fs.labels[va])
+             for lam in grid]
+    best = int(np.flatnonzero(np.isclose(curve, max(curve)))[0])
+    k = res.details["chosen_index"]
+    assert k == best or (abs(k - best) == 1 and np.isclose(curve[k], curve[best]))
+    np.testing.assert_allclose(res.details["val_curve"], curve, atol=1e-9 + 100 / len(va) + 1e-9)
+    all_idx = np.concatenate([tr, va])
+    ref = sk_fit(fs.features[all_idx], fs.labels[all_idx], 1 / grid[k])
+    assert res.metrics["accuracy"] == pytest.approx(100 * ref.score(fs.features[te], fs.labels[te]), abs=0.2)
+    assert res.metrics["C"] == pytest.approx(1 / grid[k])
+
+
+def test_result_contract_is_complete_and_json_serialisable() -> None:
+    fs = feature_set(headline="mean_per_class_accuracy")
+    res = medxfer.evaluate("linear", fs, seed=1)
+    assert res.protocol == "linear"
+    for key in ("accuracy", "mean_per_class_accuracy", "balanced_accuracy", "auroc", "C", "headline"):
+        assert key in res.metrics
+    assert res.metrics["headline"] == res.metrics["mean_per_class_accuracy"]
+    d = res.details
+    assert d["headline_metric"] == "mean_per_class_accuracy"
+    assert len(d["grid_C"]) == len(d["val_curve"]) == len(d["iterations"]) == len(d["converged"]) == 45
+    assert d["grid_C"][d["chosen_index"]] == res.metrics["C"]
+    assert d["val_curve"][d["chosen_index"]] == max(d["val_curve"])
+    assert d["splits"]["val_source"] == "dataset"
+    json.dumps({"m": res.metrics, "p": res.params, "d": res.details, "w": res.warnings}, allow_nan=False)
+    assert "linear" in PROTOCOLS
+
+
+def test_carved_validation_is_seeded_and_stratified() -> None:
+    fs = feature_set(with_val=False)
+    a = run_linear(fs, seed=3)
+    b = run_linear(fs, seed=3)
+    assert a.details["splits"]["val_source"] == "carved"
+    assert a.details["val_stratified"] is True
+    assert a.metrics == b.metrics and a.details["val_curve"] == b.details["val_curve"]
+    labels = np.repeat(np.arange(3), [50, 30, 4])
+    fit, val = carve_validation(labels, 0.2, seed=0, stratified=True)
+    assert sorted(np.unique(labels[val])) == [0, 1, 2] and len(np.intersect1d(fit, val)) == 0
+    assert len(fit) + len(val) == len(labels)
+    fit2, val2 = carve_validation(labels, 0.2, seed=0, stratified=False)
+    assert len(val2) == round(0.2 * len(labels))
+    assert not np.array_equal(val, carve_validation(labels, 0.2, seed=1, stratified=True)[1])
+
+
+def test_non_converged_fits_are_reported() -> None:
+    fs = feature_set()
+    res = run_linear(fs, seed=0, max_iter=2, tol=1e-8)
+    assert res.details["non_converged"], "2 iterations cannot reach tol=1e-8"
+    assert len(res.details["non_converged"]) == sum(not c for c in res.details["converged"])
+    assert any("did not converge" in w for w in res.warnings)
+
+
+def test_paper_compat_runs_sklearn_weak_to_strong() -> None:
+    fs = feature_set(n=300)
+    params = PROTOCOLS.get("linear").resolve_params({"max_iter": 5}, compat="paper")
+    assert params["solver"] == "sklearn-lbfgs" and params["warm_start_order"] == "weak_to_strong"
+    res = run_linear(fs, seed=0, **params)
+    assert res.details["solver"] == "sklearn-lbfgs"
+    assert res.details["non_converged"]  # 5 iterations: recorded, not silenced
+    assert 0.0 <= res.metrics["accuracy"] <= 100.0
+
+
+def test_clear_errors() -> None:
+    fs = feature_set()
+    no_test = FeatureSet.from_arrays(fs.features, fs.labels, ["train"] * len(fs), model="m", dataset="d")
+    with pytest.raises(ValueError, match="no 'test' split"):
+        run_linear(no_test)
+    bad = fs.features.copy()
+    bad[7, 3] = np.nan
+    nan_fs = FeatureSet.from_arrays(bad, fs.labels, fs.splits, model="m", dataset="d")
+    with pytest.raises(ValueError, match=r"rows \[7\]"):
+        run_linear(nan_fs)
+    with pytest.raises(ValueError, match="no parameter"):
+        medxfer.evaluate("linear", fs, not_a_param=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_path_matches_cpu() -> None:
+    x, y = blobs(500, 32, 4, seed=9)
+    lambdas = lambda_grid()[::6]
+    cpu = fit_path(x, y, lambdas, device="cpu", tol=1e-5)
+    gpu = fit_path(x, y, lambdas, device="cuda", tol=1e-5)
+    assert gpu.device.startswith("cuda")
+    np.testing.assert_allclose(gpu.predict_proba(x), cpu.predict_proba(x), atol=2e-3)
