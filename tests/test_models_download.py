@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, fetch, is_cached, load_model
+from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, is_cached, load_model
+from medxfer.models.fetch import fetch
 from medxfer.models.download import ExpectedHash, download
 from medxfer.models.errors import DownloadError, HashMismatchError
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medxfer.models import ARCH_FEATURE_DIMS, MODELS, build_trunk, fetch, is_cached, load_model
+from medxfer.models import ARCH_FEATURE_DIMS, MODELS, build_trunk, is_cached, load_model
+from medxfer.models.fetch import fetch
 from medxfer.models.spec import ModelSpec
 
 SD = dict[str, torch.Tensor]

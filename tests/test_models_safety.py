@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medxfer.models import MODELS, CheckpointError, UnsafeCheckpointError, build_trunk, fetch, load_model
+from medxfer.models import MODELS, CheckpointError, UnsafeCheckpointError, build_trunk, load_model
+from medxfer.models.fetch import fetch
 from medxfer.models.checkpoint import (
     drop_heads, keep_prefix, load_trunk_state, read_converted, read_torch, trunk_from_state,
 )
