@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -235,9 +236,17 @@ def check_state(trunk: nn.Module, expected: Mapping[str, torch.Tensor], sd: Mapp
                 parts.append(f"{len(keys)} {label}: {keys[:20]}{more}")
         raise CheckpointError("; ".join(parts))
     if check_finite:
-        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not _all_finite(v)]
         if nonfinite:
             raise CheckpointError(f"{source}: non-finite values in {nonfinite[:10]}")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.device.type != "cpu":
+        return bool(torch.isfinite(t).all())
+    # numpy's single-threaded check is ~100x faster than torch's on a busy CPU
+    a = t.detach()
+    return bool(np.isfinite((a if a.dtype in (torch.float32, torch.float64, torch.float16) else a.float()).numpy()).all())
 
 
 def save_converted(path: str | os.PathLike[str], sd: StateDict, metadata: dict[str, str]) -> None:
