@@ -242,3 +242,17 @@ def test_batchnorm_folding_is_exact_and_leaves_model_alone(prepared, tmp_path: P
                                atol=1e-4 * np.abs(b.features).max())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_folded_trunk_made_once_per_model(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folds: list[int] = []
+    real = ex.fold_batchnorm
+    monkeypatch.setattr(ex, "fold_batchnorm", lambda trunk: (folds.append(1), real(trunk))[1])
+    model = load_model("test-tiny", weights="random")
+    extract_features(model, prepared, cache_dir=tmp_path / "a", progress=False)
+    extract_features(model, prepared, cache_dir=tmp_path / "b", precision="bf16", progress=False)
+    assert len(folds) == 1
+    model.load_state_dict(load_model("test-tiny", weights="random", seed=2).state_dict())  # new weights
+    fs = extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
+    assert len(folds) == 2
+    np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,194 @@
+"""Extraction throughput: medxfer's prepare+extract vs a straightforward torchvision pipeline.
+
+Baseline (what most evaluation scripts do): an ImageFolder-style dataset that opens every
+file with PIL at full size, Resize(224, bicubic) + CenterCrop + ToTensor + Normalize,
+a DataLoader with worker processes, and a contiguous fp32 ResNet-50.
+Ours: images decoded once into the prepared uint8 memmap (reduced-size JPEG decoding,
+greyscale kept 1-channel), then the cached extraction (background loading, normalisation on
+the device, channels-last, inference mode, bf16 autocast where the hardware has it).
+Compute limit: the same model, precision and batch on an in-memory normalised batch.
+
+Datasets: the real EyePACS sample (full-size fundus JPEGs) and synthetic 1024x1024 greyscale
+chest-X-ray PNGs. ResNet-50 with RANDOM weights (throughput does not depend on the values).
+ratio = baseline seconds / our seconds once prepared (worst of the datasets).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from _common import (Timing, bf16_supported, eyepacs_sample, load_average, machine, ratio_line, synthetic_xrays,
+                     timed)
+from medxfer.data.records import Dataset
+from medxfer.extract import AUTOCAST_TOLERANCE, autocast_context, extract_features, folded_trunk
+from medxfer.models import load_model
+from medxfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+from medxfer.prepare import prepare
+
+TARGET_RATIO = 3.0
+TARGET_FRACTION = 0.8
+
+
+class ImageFolderStyle(torch.utils.data.Dataset):
+    """The baseline's dataset: full PIL decode and the evaluation transform on every access."""
+
+    def __init__(self, paths: list[str], size: int) -> None:
+        self.paths = paths
+        self.tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                             T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as img:
+            return self.tf(img.convert("RGB"))
+
+
+def baseline(model: torch.nn.Module, ds: Dataset, batch: int, workers: int, device: str,
+             size: int) -> tuple[np.ndarray, Timing]:
+    loader = DataLoader(ImageFolderStyle([r.path for r in ds.records], size), batch_size=batch,
+                        num_workers=workers, shuffle=False)
+
+    def run() -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for x in loader:
+                out.append(model(x.to(device)).float().cpu())
+        return torch.cat(out).numpy()
+
+    return timed(run)
+
+
+def forward_limit(model: torch.nn.Module, n: int, batch: int, device: str, precision: str, size: int) -> Timing:
+    """Seconds for n images through the trunk alone (same batches, precision, channels-last)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    batches = [min(batch, n - s) for s in range(0, n, batch)]
+
+    def run() -> None:
+        with torch.inference_mode(), autocast_context(device, precision):
+            for b in batches:
+                model(x[:b])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return timed(run)[1]
+
+
+def pixel_difference(ds: Dataset, array: np.ndarray, size: int, limit: int = 8) -> float:
+    """Mean absolute difference between our prepared crops and a full decode + torchvision crop."""
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    diffs = []
+    for i, r in enumerate(ds.records[:limit]):
+        with Image.open(r.path) as img:
+            ref = np.asarray(tf(img.convert("RGB")), dtype=np.int16)
+        ours = np.broadcast_to(array[i], ref.shape).astype(np.int16)
+        diffs.append(np.abs(ours - ref).mean())
+    return float(np.mean(diffs))
+
+
+def warm_up(model: torch.nn.Module, batch: int, device: str, precision: str, size: int,
+            channels_last: bool) -> None:
+    """One untimed batch per configuration (kernel selection, allocator), as any long run has."""
+    x = torch.zeros(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast_context(device, precision):
+        model(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=32, help="images per dataset (EyePACS has 50)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--arch", default="supervised-r50")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args()
+    precision = "bf16" if bf16_supported() else "fp32"
+    use_cpu = args.device == "cpu"
+    unit = "CPU seconds (this process + loader workers)" if use_cpu else "wall seconds"
+    print(machine())
+    print(load_average())
+    print(f"model: {args.arch} with RANDOM weights, batch {args.batch}, size {args.size}, device {args.device}; "
+          f"ours at fp32 and at {precision} (autocast where the hardware supports it)")
+    print(f"speed-ups are computed from {unit}: the benchmark machine may be shared, and CPU time "
+          f"measures the work each pipeline needs; wall times are printed too")
+    base_model = load_model(args.arch, weights="random").to(args.device)  # contiguous fp32
+    ours_model = load_model(args.arch, weights="random")  # same seed -> same weights
+    warm_up(base_model, args.batch, args.device, "fp32", args.size, channels_last=False)
+    folded, t_fold = timed(lambda: folded_trunk(ours_model))
+    print(f"one-time per model: BatchNorm folding ({t_fold}), reused by every extraction of this model")
+    trunk = (folded or ours_model.trunk).to(args.device, memory_format=torch.channels_last)  # what extract runs
+
+    ratios, fractions = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        sets = {"eyepacs (real JPEGs)": eyepacs_sample(limit=args.images)}
+        xr, t_gen = timed(lambda: synthetic_xrays(tmp_path / "cxr", args.images))
+        sets["synthetic chest X-ray PNGs 1024x1024"] = xr
+        print(f"generated {len(xr)} synthetic X-rays ({t_gen})")
+        for name, ds in sets.items():
+            n = len(ds)
+            print(f"\n== {name}: {n} images ==")
+            feats_base, t_base = baseline(base_model, ds, args.batch, args.workers, args.device, args.size)
+            b = t_base.pick(use_cpu)
+            print(f"baseline (PIL full decode every time, contiguous fp32, {args.workers} loader workers): "
+                  f"{t_base}; {n / b:.2f} img/s")
+            cache = tmp_path / f"cache-{len(ratios)}"
+            prep, t_prep = timed(lambda: prepare(ds, size=args.size, cache_dir=cache, progress=False))
+            print(f"ours prepare (decode once, {prep.meta['workers']} workers, {prep.channels} channel(s)): "
+                  f"{t_prep}; {n / t_prep.pick(use_cpu):.1f} img/s")
+            results = {}
+            for prec in dict.fromkeys(("fp32", precision)):
+                trunk.to(args.device, memory_format=torch.channels_last)  # extract moves it back to the cpu
+                warm_up(trunk, args.batch, args.device, prec, args.size, channels_last=True)
+                fs, t_ext = timed(lambda: extract_features(ours_model, prep, cache_dir=cache, batch_size=args.batch,
+                                                           device=args.device, precision=prec, progress=False))
+                trunk.to(args.device, memory_format=torch.channels_last)
+                t_lim = forward_limit(trunk, n, args.batch, args.device, prec, args.size)
+                e, lim = t_ext.pick(use_cpu), t_lim.pick(use_cpu)
+                results[prec] = (np.asarray(fs.features), e, lim)
+                print(f"ours extract {prec} (prepared): {t_ext}; {n / e:.2f} img/s; forward limit {n / lim:.2f} "
+                      f"img/s ({t_lim}); fraction of limit {lim / e:.3f}; speed-up vs baseline {b / e:.2f}x")
+            f32 = results["fp32"][0]
+            diff = pixel_difference(ds, prep.array, args.size)
+            print(f"our prepared crops vs the baseline's full-decode crops: mean |difference| {diff:.2f} "
+                  f"grey levels of 255 (reduced-size JPEG decoding; PNGs are identical)")
+            rel = np.linalg.norm(f32 - feats_base, axis=1) / np.linalg.norm(feats_base, axis=1)
+            print(f"our fp32 features vs the baseline's: max relative L2 difference {rel.max():.2e}")
+            if precision != "fp32":
+                fb = results[precision][0]
+                rel_b = float(np.abs(fb - f32).max() / np.abs(f32).max())
+                tol = AUTOCAST_TOLERANCE[precision]
+                print(f"{precision} vs fp32 features: max |diff| / max |fp32| = {rel_b:.4f} "
+                      f"(stated tolerance {tol}) -> {'ok' if rel_b < tol else 'OUT OF TOLERANCE'}")
+            _, e, lim = results[precision]
+            ratios.append(b / e)
+            fractions.append(lim / e)
+            k, p = 13, t_prep.pick(use_cpu)
+            print(f"grid of {k} models: baseline {k * b:.0f}s vs ours {p + k * e:.0f}s "
+                  f"(prepare once + {k} extractions) -> {k * b / (p + k * e):.2f}x; "
+                  f"first model incl. prepare: {b / (p + e):.2f}x")
+    ratio = min(ratios)
+    frac = min(fractions)
+    print(f"\nsummary ({precision}, {unit}): speed-up once prepared, worst dataset {ratio:.2f}x "
+          f"(target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); "
+          f"fraction of the forward limit, worst {frac:.3f} "
+          f"(target >= {TARGET_FRACTION}: {'met' if frac >= TARGET_FRACTION else 'NOT met'})")
+    print(load_average())
+    print(ratio_line(ratio))
+
+
+if __name__ == "__main__":
+    main()
