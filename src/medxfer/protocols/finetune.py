@@ -1,0 +1,455 @@
+"""Finetuning: backbone + new linear head, all parameters trained (paper Table 4).
+
+SGD (Nesterov momentum 0.9, lr 1e-2, weight decay 1e-8), cosine annealing over ``max_steps``
+(5000), batch 64, RandomResizedCrop (bicubic) + horizontal flip on the prepared uint8 images,
+validation every 200 steps, early stopping with patience 3 on the validation headline metric
+(ties broken by lower validation loss), the best weights restored (a real copy: the authors'
+"best" state dict aliased the live tensors, so their restore did nothing), then test metrics.
+
+Every random choice (head initialisation, batch order, crops, flips, search trials) comes
+from local generators derived from ``seed``. With ``workdir`` a checkpoint (model, optimiser,
+schedule, generators, best weights, curves) is written atomically at every validation, so a
+killed run resumes exactly where it stopped; a finished run is reused.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+
+from medxfer.cache import atomic_path, content_key
+from medxfer.models.backbone import Backbone
+from medxfer.models.normalize import get_normalizer
+from medxfer.prepare import PreparedImages
+from medxfer.protocols.base import EvalResult, Protocol, register_protocol
+from medxfer.protocols.metrics import classification_metrics
+from medxfer.protocols.splits import SplitIndices, many_shot_splits
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.pt"
+
+
+def snapshot_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An independent copy of ``module``'s state (parameters and buffers) on the CPU.
+
+    The copy must not alias the live tensors: ``module.state_dict()`` alone returns
+    references that keep changing as training goes on (the original code's bug).
+    """
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _after_checkpoint(step: int) -> None:
+    """Called after every checkpoint write (a hook for tests that simulate a killed run)."""
+
+
+class FinetuneNet(nn.Module):
+    """A trainable copy of a backbone plus a new linear head; input: uint8 images."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, generator: torch.Generator) -> None:
+        super().__init__()
+        # the trunk is copied (the caller's frozen model stays as it is) and unfrozen
+        self.trunk = copy.deepcopy(backbone.trunk)
+        for p in self.trunk.parameters():
+            p.requires_grad_(True)
+        self.normalize = get_normalizer(backbone.spec.normalization)
+        dim = backbone.feature_dim
+        self.head = nn.Linear(dim, num_classes)
+        bound = 1.0 / math.sqrt(dim)  # nn.Linear's default range, from the local generator
+        with torch.no_grad():
+            nn.init.uniform_(self.head.weight, -bound, bound, generator=generator)
+            nn.init.uniform_(self.head.bias, -bound, bound, generator=generator)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        if images.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.trunk(x))
+
+
+def _crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 g: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, height, width): 10 tries, then a centre crop."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=g).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(u[2] * (h - ch + 1))
+            left = int(u[3] * (w - cw + 1))
+            return min(top, h - ch), min(left, w - cw), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def augment(batch: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
+    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W."""
+    out = []
+    h, w = batch.shape[-2:]
+    for img in batch:
+        top, left, ch, cw = _crop_params(h, w, scale, ratio, g)
+        crop = TF.resized_crop(img, top, left, ch, cw, [size, size],
+                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        if hflip and bool(torch.rand(1, generator=g) < 0.5):
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.stack(out)
+
+
+def _resize_eval(batch: torch.Tensor, size: int) -> torch.Tensor:
+    if batch.shape[-1] == size and batch.shape[-2] == size:
+        return batch
+    return TF.resize(batch, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def _load_batch(prepared: PreparedImages, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    order = np.argsort(idx)  # sorted reads are much faster on a memmap
+    arr = np.asarray(prepared.array[idx[order]])
+    arr = arr[np.argsort(order)]
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device).permute(0, 3, 1, 2)
+
+
+def _amp_context(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+@torch.no_grad()
+def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
+                 batch_size: int, device: torch.device, amp: bool, headline: str) -> tuple[dict[str, float], float, list[str]]:
+    """Metrics (percent), mean cross-entropy, warnings of ``net`` on rows ``idx`` (eval mode)."""
+    was_training = net.training
+    net.eval()
+    probs, losses = [], []
+    ctx, _ = _amp_context(device, amp)
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start : start + batch_size]
+        x = _resize_eval(_load_batch(prepared, rows, device), size)
+        with ctx:
+            logits = net(x).float()
+        y = torch.as_tensor(labels[rows], device=device)
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+    net.train(was_training)
+    proba = np.concatenate(probs).astype(np.float64)
+    metrics, warns = classification_metrics(labels[idx], proba, headline)
+    return metrics, float(sum(losses) / len(idx)), warns
+
+
+@dataclass
+class TrialOutcome:
+    """One training run: its hyper-parameters, validation history and restored best weights."""
+
+    lr: float
+    weight_decay: float
+    best_state: dict[str, torch.Tensor]
+    best_score: float
+    best_loss: float
+    best_step: int
+    steps: int
+    stopped_early: bool
+    val_curve: list[dict[str, float]]
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "best_val": self.best_score,
+                "best_val_loss": self.best_loss, "best_step": self.best_step, "steps": self.steps,
+                "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
+                "seconds": round(self.seconds, 3), "val_curve": self.val_curve}
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[np.ndarray]:
+    """Endless shuffled batches (epoch by epoch; last partial batch dropped when n >= batch)."""
+    while True:
+        perm = torch.randperm(n, generator=g).numpy()
+        stop = n - n % batch_size if n >= batch_size else n
+        for s in range(0, stop, batch_size):
+            yield perm[s : s + batch_size]
+
+
+def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, labels: np.ndarray, k: int, *,
+                lr: float, weight_decay: float, seed: int, device: torch.device, workdir: Path | None,
+                key: str, headline: str, p: dict[str, Any]) -> tuple[FinetuneNet, TrialOutcome]:
+    """Train one model with early stopping; resume from ``workdir`` when its checkpoint matches ``key``."""
+    t0 = time.perf_counter()
+    g_init = torch.Generator().manual_seed(seed)
+    g_data = torch.Generator().manual_seed(seed + 1)
+    g_aug = torch.Generator().manual_seed(seed + 2)
+    net = FinetuneNet(backbone, k, g_init).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=p["momentum"], nesterov=p["nesterov"],
+                          weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["max_steps"])
+    amp = p["amp"] if p["amp"] is not None else device.type == "cuda"
+    ctx, scaler = _amp_context(device, amp)
+    size = p["image_size"]
+    eval_kw = dict(size=size, batch_size=p["eval_batch_size"], device=device, amp=amp, headline=headline)
+
+    final_path = workdir / FINAL if workdir else None
+    if final_path is not None and final_path.is_file():
+        done = torch.load(final_path, map_location="cpu", weights_only=True)
+        if done.get("key") == key:
+            outcome = TrialOutcome(**done["outcome"])
+            net.load_state_dict(outcome.best_state)
+            log.info("finetune: reusing finished run in %s", workdir)
+            return net, outcome
+        log.warning("finetune: ignoring %s (made with different settings)", final_path)
+
+    step, best_score, best_loss, best_step, bad_evals = 0, -math.inf, math.inf, 0, 0
+    best_state = snapshot_state(net)
+    curve: list[dict[str, float]] = []
+    resumed_from = None
+    ckpt_path = workdir / CHECKPOINT if workdir else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("key") == key:
+            net.load_state_dict(ck["net"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            g_aug.set_state(ck["g_aug"])
+            step, best_score, best_loss = ck["step"], ck["best_score"], ck["best_loss"]
+            best_step, bad_evals, curve, best_state = ck["best_step"], ck["bad_evals"], ck["curve"], ck["best_state"]
+            resumed_from = step
+            log.info("finetune: resuming at step %d from %s", step, ckpt_path)
+        else:
+            log.warning("finetune: ignoring %s (made with different settings)", ckpt_path)
+
+    batches = _batches(len(sp.train), p["batch_size"], g_data)
+    # a resumed run sees the same batch order: replay the (cheap) sampler from its seed
+    for _ in range(step):
+        next(batches)
+    stopped_early = False
+    train_labels = torch.as_tensor(labels, device=device)
+    net.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=p["max_steps"], initial=step, desc=f"finetune lr={lr:g} wd={weight_decay:g}",
+               leave=False, disable=not p["progress"])
+    while step < p["max_steps"]:
+        rows = sp.train[next(batches)]
+        x = augment(_load_batch(prepared, rows, device), size, g_aug, hflip=p["hflip"],
+                    scale=tuple(p["crop_scale"]), ratio=tuple(p["crop_ratio"]))
+        with ctx:
+            loss = nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"finetune diverged at step {step} (loss {loss.item()}); lower lr={lr:g}")
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % p["val_every"] == 0 or step == p["max_steps"]:
+            metrics, vloss, _ = evaluate_net(net, prepared, sp.val, labels, **eval_kw)
+            score = metrics["headline"]
+            curve.append({"step": step, "score": score, "loss": vloss, "accuracy": metrics["accuracy"],
+                          "train_loss": float(loss.item()), "lr": float(sched.get_last_lr()[0])})
+            if score > best_score or (score == best_score and vloss < best_loss):
+                best_score, best_loss, best_step, bad_evals = score, vloss, step, 0
+                best_state = SNAPSHOT(net)
+            else:
+                bad_evals += 1
+            stop = bad_evals >= p["patience"]
+            if ckpt_path is not None:
+                state = {"key": key, "net": snapshot_state(net), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "g_aug": g_aug.get_state(), "step": step,
+                         "best_score": best_score, "best_loss": best_loss, "best_step": best_step,
+                         "bad_evals": bad_evals, "curve": curve, "best_state": best_state}
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save(state, tmp)
+                _after_checkpoint(step)
+            if stop:
+                stopped_early = True
+                break
+    bar.close()
+    net.load_state_dict(best_state)  # restore the best weights
+    outcome = TrialOutcome(lr=lr, weight_decay=weight_decay, best_state=best_state, best_score=best_score,
+                           best_loss=best_loss, best_step=best_step, steps=step, stopped_early=stopped_early,
+                           val_curve=curve, resumed_from=resumed_from, seconds=time.perf_counter() - t0)
+    if final_path is not None:
+        with atomic_path(final_path) as tmp:
+            torch.save({"key": key, "outcome": dict(vars(outcome))}, tmp)
+        ckpt_path.unlink(missing_ok=True)
+    return net, outcome
+
+
+# the copy function used for the best weights; tests swap in an aliasing version to prove
+# that the restore test catches the original code's bug
+SNAPSHOT = snapshot_state
+
+
+def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> list[tuple[float, float]]:
+    """(lr, weight_decay) pairs to try. ``search``: False (just the given pair), True (the default
+    3 x 3 grid around the paper's values), ``{"lr": [...], "weight_decay": [...]}`` (a grid), or
+    ``{"random": n, "lr": [lo, hi], "weight_decay": [lo, hi]}`` (n log-uniform draws)."""
+    if search is False or search is None:
+        return [(lr, weight_decay)]
+    if search is True:
+        search = {"lr": [1e-3, 1e-2, 1e-1], "weight_decay": [1e-8, 1e-5, 1e-4]}
+    if not isinstance(search, dict):
+        raise ValueError(f"finetune: search must be false, true or a dict, got {search!r}")
+    unknown = sorted(set(search) - {"lr", "weight_decay", "random"})
+    if unknown:
+        raise ValueError(f"finetune: unknown search key(s) {unknown}; use lr, weight_decay, random")
+    lrs = [float(v) for v in search.get("lr", [lr])]
+    wds = [float(v) for v in search.get("weight_decay", [weight_decay])]
+    if "random" not in search:
+        return [(a, b) for a in lrs for b in wds]
+    n = int(search["random"])
+    rng = np.random.default_rng(seed)
+
+    def draw(bounds: list[float]) -> float:
+        lo, hi = (bounds[0], bounds[-1])
+        if lo <= 0 or hi <= 0:
+            raise ValueError(f"finetune: random search bounds must be positive, got {bounds}")
+        return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+    return [(draw(lrs), draw(wds)) for _ in range(n)]
+
+
+def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device: str | torch.device | None = None,
+                   workdir: str | Path | None = None, **params: Any) -> tuple[FinetuneNet, EvalResult]:
+    """Finetune a copy of ``model`` (the caller's model is never changed); returns the restored
+    best network and the result (test metrics of the best trial on validation)."""
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"finetune: unknown parameter(s) {unknown}; parameters: {', '.join(sorted(DEFAULTS))}")
+    p = {**DEFAULTS, **params}
+    if p["val_every"] <= 0 or p["max_steps"] <= 0 or p["batch_size"] <= 0 or p["patience"] <= 0:
+        raise ValueError("finetune: max_steps, batch_size, val_every and patience must be positive")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    what = f"prepared images {prepared.dataset or prepared.key}"
+    if prepared.array.ndim != 4 or prepared.array.dtype != np.uint8 or prepared.array.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: expected N x S x S x (1|3) uint8 images, got {prepared.array.shape} {prepared.array.dtype}")
+    labels = prepared.labels
+    if len(labels) != len(prepared.array):
+        raise ValueError(f"{what}: {len(prepared.array)} images but {len(labels)} records")
+    k = max(len(prepared.class_names), int(labels.max()) + 1)
+    val_seed = seed if p["val_seed"] is None else int(p["val_seed"])
+    sp = many_shot_splits(prepared.splits, labels, val_fraction=p["val_fraction"], val_seed=val_seed,
+                          stratified=p["val_stratified"], what=what)
+    headline = p["headline_metric"] or prepared.meta.get("headline_metric", "accuracy")
+    wd_root = Path(workdir) if workdir is not None else None
+    trials = search_trials(p["search"], p["lr"], p["weight_decay"], seed)
+    train_keys = ("momentum", "nesterov", "max_steps", "batch_size", "val_every", "patience", "image_size",
+                  "crop_scale", "crop_ratio", "hflip", "amp", "val_fraction", "val_seed", "val_stratified",
+                  "headline_metric")
+    outcomes: list[TrialOutcome] = []
+    best_net: FinetuneNet | None = None
+    for i, (lr, wd) in enumerate(trials):
+        key = content_key(VERSION, model.weights_hash, prepared.key, seed, lr, wd, k, headline,
+                          {n: p[n] for n in train_keys}, str(dev.type))
+        trial_dir = None if wd_root is None else (wd_root / f"trial-{i:02d}" if len(trials) > 1 else wd_root)
+        net, out = _train_once(model, prepared, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
+                               workdir=trial_dir, key=key, headline=headline, p=p)
+        outcomes.append(out)
+        best_i = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
+        if best_i == i:
+            best_net = net
+        else:
+            del net
+    chosen = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
+    best = outcomes[chosen]
+    assert best_net is not None
+    metrics, _, warns = evaluate_net(best_net, prepared, sp.test, labels, size=p["image_size"],
+                                     batch_size=p["eval_batch_size"], device=dev,
+                                     amp=p["amp"] if p["amp"] is not None else dev.type == "cuda", headline=headline)
+    metrics["lr"] = best.lr
+    metrics["weight_decay"] = best.weight_decay
+    details = {
+        "headline_metric": headline,
+        "best_step": best.best_step,
+        "best_val": best.best_score,
+        "best_val_loss": best.best_loss,
+        "steps": best.steps,
+        "stopped_early": best.stopped_early,
+        "restored": True,
+        "val_curve": best.val_curve,
+        "resumed_from": best.resumed_from,
+        "trials": [o.record() for o in outcomes],
+        "chosen_trial": chosen,
+        "search": p["search"] if p["search"] else False,
+        "splits": sp.as_dict(),
+        "val_seed": val_seed,
+        "device": str(dev),
+        "amp": bool(p["amp"] if p["amp"] is not None else dev.type == "cuda"),
+        "model": model.name,
+        "weights": model.weights,
+    }
+    params_used = {n: p[n] for n in DEFAULTS}
+    return best_net, EvalResult(protocol="finetune", metrics=metrics, params=params_used, details=details,
+                                warnings=warns)
+
+
+def run_finetune(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device: str | None = None,
+                 workdir: str | Path | None = None, **params: Any) -> EvalResult:
+    """The registered protocol entry point: finetune and return the result only."""
+    return finetune_model(model, prepared, seed=seed, device=device, workdir=workdir, **params)[1]
+
+
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-2,
+    "weight_decay": 1e-8,
+    "momentum": 0.9,
+    "nesterov": True,
+    "max_steps": 5000,
+    "batch_size": 64,  # the paper used 16 for DenseNet-121
+    "val_every": 200,
+    "patience": 3,
+    "image_size": 224,
+    "crop_scale": [0.08, 1.0],
+    "crop_ratio": [3 / 4, 4 / 3],
+    "hflip": True,
+    "eval_batch_size": 128,
+    "amp": None,  # None: mixed precision on CUDA (bf16 when supported, else fp16 + loss scaling)
+    "val_fraction": 0.2,
+    "val_seed": None,  # None: the run seed
+    "val_stratified": True,
+    "headline_metric": None,  # None: prepared.meta["headline_metric"] or accuracy
+    "search": False,
+    "progress": False,
+}
+
+PAPER = {"val_seed": 0, "val_stratified": False}
+
+register_protocol(Protocol(
+    name="finetune", needs="images", run=run_finetune, defaults=DEFAULTS, version=VERSION,
+    description="backbone + new linear head, all parameters trained with SGD/cosine, early stopping "
+                "on validation with the best weights restored, scored on test",
+    compat={"paper": PAPER},
+))
