@@ -233,3 +233,23 @@ def test_test_tiny_has_no_pretrained_weights() -> None:
     with pytest.raises(WeightsUnavailableError, match="--weights random"):
         load_model("test-tiny")
     assert MODELS.get("test-tiny").family == "random"
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_dangerous_globals_refused_and_plain_types_allowed(tmp_path: Path, protocol: int) -> None:
+    import builtins
+    import pathlib
+    import subprocess
+    import typing
+
+    for evil in (getattr, builtins.__import__, eval, exec, open, subprocess.Popen, os.system):
+        path = tmp_path / "evil.pkl"
+        path.write_bytes(pickle.dumps({"x": evil}, protocol=protocol))
+        with pytest.raises(UnsafeCheckpointError, match="nothing was executed"):
+            load_pickle(path)
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps({"any": typing.Any, "t": dict, "s": {1, 2}, "b": b"\x00\xff",
+                                   "p": pathlib.PurePosixPath("/data")}, protocol=protocol))
+    out = load_pickle(path)
+    assert out["any"] is typing.Any and out["t"] is dict and out["s"] == {1, 2} and out["b"] == b"\x00\xff"
+    assert type(out["p"]).__module__ == "medxfer.inert.pathlib"  # a stand-in, not a real path object

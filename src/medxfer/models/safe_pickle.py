@@ -10,6 +10,7 @@ global is refused with :class:`UnsafeCheckpointError` before it is called.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import keyword
@@ -112,10 +113,9 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 BASE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
+    **{("builtins", t.__name__): t for t in (set, frozenset, complex, slice, dict, list, tuple, int, float,
+                                              str, bool, bytes, bytearray, object)},  # plain data types only
+    ("typing", "Any"): Any,  # OmegaConf metadata refers to it
     ("dill._dill", "_create_namedtuple"): _safe_namedtuple,
     ("dill._dill", "_load_type"): _dill_load_type,
     ("jax._src.array", "_reconstruct_array"): _jax_reconstruct_array,
@@ -125,7 +125,7 @@ BASE_GLOBALS: dict[tuple[str, str], Any] = {
 FRAMEWORK_MODULES: tuple[str, ...] = (
     "byol", "haiku", "optax", "jax", "jaxlib", "ml_collections",
     "pytorch_lightning", "lightning", "lightning_fabric", "argparse", "omegaconf",
-    "covidprognosis", "cp_examples", "pycontrast", "__main__",
+    "covidprognosis", "cp_examples", "pycontrast", "pathlib", "__main__",
 )
 
 # Known containers with a known structure get a real (behaviour-free) namedtuple.
@@ -148,6 +148,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._standins: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D102
+        # Python 2 names used by protocol <= 2 (e.g. __builtin__.set), mapped like pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         for table in (self.extra_globals, _numpy_globals(), BASE_GLOBALS, KNOWN_CLASSES):
             if key in table:
