@@ -196,3 +196,21 @@ def test_manual_only_models_explain_how_to_get_them(monkeypatch: pytest.MonkeyPa
         with pytest.raises(WeightsUnavailableError, match=hint) as info:
             fetch(name)
         assert f"medxfer fetch {name} --from" in str(info.value)
+
+
+def test_bad_cached_download_is_moved_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medxfer.cache import resolve_cache_dir
+    from medxfer.models.errors import CheckpointError
+
+    monkeypatch.setenv("MEDXFER_OFFLINE", "1")
+    spec = MODELS.get("dinov2-vits14")  # no published hash: only conversion can notice
+    downloads = resolve_cache_dir(None) / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    full = tmp_path / "full.pth"
+    torch.save(build_trunk("dinov2_vits14").state_dict(), full)
+    (downloads / spec.filename).write_bytes(full.read_bytes()[:100_000])  # an old, cut download
+    with pytest.raises(CheckpointError, match="moved to .*corrupt.*run the command again"):
+        fetch(spec.name)
+    assert not (downloads / spec.filename).exists() and (downloads / (spec.filename + ".corrupt")).exists()
+    with pytest.raises(WeightsUnavailableError):  # next time: a fresh download is needed (offline here)
+        fetch(spec.name)

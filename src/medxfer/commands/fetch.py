@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{name}: FAILED: {exc}", file=sys.stderr)
             continue
-        print(f"{name}: {path}")
+        print(f"{name}: {path}  (licence: {MODELS.get(name).licence}; do not redistribute the weights)")
     return 1 if failed else 0
 
 

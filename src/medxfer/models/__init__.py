@@ -4,12 +4,13 @@ from medxfer.models import zoo as _zoo  # noqa: F401  (registers the built-in sp
 from medxfer.models.backbone import ARCH_FEATURE_DIMS, ARCHS, Backbone, assert_eval, build_trunk, register_arch
 from medxfer.models.custom import load_model_file, resolve_model_arg
 from medxfer.models.errors import CheckpointError, UnsafeCheckpointError, WeightsUnavailableError
-from medxfer.models.fetch import is_cached, weights_path  # the fetch() function: medxfer.models.fetch.fetch
+from medxfer.models.fetch import fetch as fetch_weights  # also medxfer.models.fetch.fetch
+from medxfer.models.fetch import is_cached, weights_path
 from medxfer.models.load import load_model
 from medxfer.models.spec import MODELS, ModelSpec, register_model
 
 __all__ = [
     "ARCHS", "ARCH_FEATURE_DIMS", "Backbone", "CheckpointError", "MODELS", "ModelSpec", "UnsafeCheckpointError",
-    "WeightsUnavailableError", "assert_eval", "build_trunk", "is_cached", "load_model",
+    "WeightsUnavailableError", "assert_eval", "build_trunk", "fetch_weights", "is_cached", "load_model",
     "load_model_file", "register_arch", "register_model", "resolve_model_arg", "weights_path",
 ]

@@ -181,14 +181,24 @@ def fetch(
                 raise CheckpointError(f"--from file not found: {original}")
         else:
             original, sha = _obtain_original(spec, cache, allow, progress)
-        if verify_hash and (spec.sha256 or spec.hash_prefix):
-            try:
-                sha = verify(original, expected_hash(spec), f"original checkpoint of {spec.name}")
-            except HashMismatchError as exc:
+        in_cache = original.parent == cache / "downloads"
+        try:
+            if sha is None:  # anything not verified by a download just now
+                if verify_hash and (spec.sha256 or spec.hash_prefix):
+                    sha = verify(original, expected_hash(spec), f"original checkpoint of {spec.name}")
+                else:
+                    sha = verify(original, ExpectedHash(), spec.name)
+            sd = convert_checkpoint(original, spec)
+        except (HashMismatchError, CheckpointError) as exc:
+            if in_cache:  # never reuse a bad download: move it aside so the next run fetches it again
+                bad = original.with_name(original.name + ".corrupt")
+                os.replace(original, bad)
+                raise CheckpointError(
+                    f"{exc}. The cached download was moved to {bad}; run the command again to re-download it."
+                ) from exc
+            if isinstance(exc, HashMismatchError):
                 raise CheckpointError(f"{exc}. If you trust this file, pass --no-verify (verify_hash=False).") from exc
-        if sha is None:
-            sha = verify(original, ExpectedHash(), spec.name)
-        sd = convert_checkpoint(original, spec)
+            raise
         save_converted(out, sd, {
             "medxfer_model": spec.name, "source": str(original), "source_sha256": sha,
             "format": spec.fmt, "converter_version": str(CONVERTER_VERSION),
