@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medxfer.models import (
-    MODELS, CheckpointError, ModelSpec, build_trunk, is_cached, load_model, load_model_file, register_model,
+    MODELS, CheckpointError, ModelSpec, build_trunk, is_cached, load_model, load_model_file,
     resolve_model_arg,
 )
 from medxfer.registry import Registry, UnknownNameError

@@ -10,7 +10,6 @@ complete trunk; if several do (e.g. MoCo's query and key encoders) the user must
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections import Counter

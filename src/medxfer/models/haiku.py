@@ -69,7 +69,8 @@ def haiku_to_torchvision(sd: StateDict, source: str) -> StateDict:
         name, transform = _LEAVES[leaf]
         out[f"{module}.{name}"] = transform(value).contiguous()
     if unknown:
-        raise CheckpointError(f"{source}: unknown Haiku parameters {sorted(unknown)[:20]} (+{max(0, len(unknown) - 20)} more)")
+        more = f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""
+        raise CheckpointError(f"{source}: unknown Haiku parameters {sorted(unknown)[:20]}{more}")
     return out
 
 

@@ -95,7 +95,8 @@ PAPER = (
         urls=(FB + "deepcluster/swav_800ep_pretrain.pth.tar",), filename="swav_800ep_pretrain.pth.tar",
         fmt="swav", prefix="module.", drop=("projection_head.", "prototypes."), imagenet_top1=75.3,
         licence=CC_BY_NC,
-        citation="Caron et al., Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, NeurIPS 2020",
+        citation=("Caron et al., Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, "
+                  "NeurIPS 2020"),
         in_paper=True, notes="800 epochs, multi-crop",
     ),
     ModelSpec(
