@@ -102,8 +102,11 @@ def eyepacs_sample(limit: int | None = None) -> Dataset:
     return Dataset(info=info, records=recs, root=str(root))
 
 
-def synthetic_xrays(folder: Path, n: int, side: int = 1024, seed: int = 0) -> Dataset:
-    """Greyscale chest-X-ray-like PNGs (smooth anatomy-like structure plus noise), 2 classes."""
+def synthetic_xrays(folder: Path, n: int, side: int = 1024, seed: int = 0, signal: float = 0.25) -> Dataset:
+    """Greyscale chest-X-ray-like PNGs (smooth anatomy-like structure plus noise), 2 classes.
+
+    Odd images carry a bright basal "effusion" of amplitude ``signal``; exposure varies per image.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
@@ -115,7 +118,8 @@ def synthetic_xrays(folder: Path, n: int, side: int = 1024, seed: int = 0) -> Da
         img += 0.05 * np.sin(2 * np.pi * (yy * rng.uniform(8, 12) + 0.2 * np.abs(xx - 0.5)))  # ribs
         img += rng.normal(0, 0.03, img.shape).astype(np.float32)
         if i % 2:  # "effusion": a bright basal opacity
-            img += 0.25 * np.exp(-(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.8) / 0.08) ** 2))
+            img += signal * np.exp(-(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.8) / 0.08) ** 2))
+        img = img * rng.uniform(0.95, 1.05) + rng.uniform(-0.03, 0.03)  # exposure
         path = folder / f"cxr{i:04d}.png"
         Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(path)
         recs.append(Record(path=str(path), label=i % 2))

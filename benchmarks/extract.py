@@ -187,6 +187,7 @@ def main() -> None:
           f"fraction of the forward limit, worst {frac:.3f} "
           f"(target >= {TARGET_FRACTION}: {'met' if frac >= TARGET_FRACTION else 'NOT met'})")
     print(load_average())
+    print(f"target={TARGET_RATIO}")
     print(ratio_line(ratio))
 
 
