@@ -335,3 +335,37 @@ def test_native_normalisation_variant_shares_weights_not_features(tmp_path: Path
     override = load_model("moco-cxr-r18", normalization="chexpert")
     assert override.weights_hash == native.weights_hash
     assert torch.allclose(override.features(x), native.features(x))
+
+
+def test_byol_params_in_haiku_flatmap_containers(tmp_path: Path) -> None:
+    """Older Haiku stored params in immutable FlatMap objects pickled as FlatMap(dict)."""
+    from collections.abc import Mapping
+
+    from medxfer.models.haiku import extract_byol
+    from medxfer.models.safe_pickle import load_pickle
+
+    class FlatMap(Mapping):
+        def __init__(self, d: dict) -> None:
+            self._d = dict(d)
+
+        def __getitem__(self, k):
+            return self._d[k]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self) -> int:
+            return len(self._d)
+
+        def __reduce__(self):
+            return FlatMap, (self._d,)
+
+    w = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
+    with fake_module("haiku._src.data_structures", FlatMap=FlatMap):
+        params = FlatMap({"res_net50/~/initial_conv": FlatMap({"w": w})})
+        state = FlatMap({"res_net50/~/initial_batchnorm/~/mean_ema": FlatMap({"average": w[..., :1]})})
+        path = tmp_path / "flat.pkl"
+        path.write_bytes(pickle.dumps({"experiment_state": (params, params, state, state, ())}, protocol=4))
+    flat = extract_byol(load_pickle(path), str(path))
+    assert sorted(flat) == ["res_net50/~/initial_batchnorm/~/mean_ema/average", "res_net50/~/initial_conv/w"]
+    assert torch.equal(flat["res_net50/~/initial_conv/w"], torch.from_numpy(w))
