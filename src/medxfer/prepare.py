@@ -150,9 +150,14 @@ def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> s
     return content_key("prepared", dataset.fingerprint(), int(size), resize, DECODER_VERSION)
 
 
+def prepare_dir_for(key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder of the prepared array with ``key``."""
+    return resolve_cache_dir(cache_dir) / "prepared" / key
+
+
 def prepared_dir(dataset: Dataset, size: int = 224, resize: str = "aspect",
                  cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    return resolve_cache_dir(cache_dir) / "prepared" / prepared_key(dataset, size, resize)
+    return prepare_dir_for(prepared_key(dataset, size, resize), cache_dir)
 
 
 def is_prepared(dataset: Dataset, size: int = 224, resize: str = "aspect",
@@ -208,7 +213,7 @@ def prepare(
         raise ValueError(f"dataset {dataset.info.name!r} has no records to prepare")
     workers = default_workers() if workers is None else max(0, int(workers))
     key = prepared_key(dataset, size, resize)
-    out = resolve_cache_dir(cache_dir) / "prepared" / key
+    out = prepare_dir_for(key, cache_dir)
     meta_path = out / "meta.json"
     if meta_path.is_file():
         prepared = _load(dataset, out, key, size)
