@@ -15,8 +15,10 @@ How it is fast:
   ``1/2 (I - 11'/K) (x) Cov + lam/N I``, is diagonal, so every model is optimised in
   variables scaled by ``(s_j / 2 + lam / N) ** -1/2``: strongly regularised fits converge in a
   few steps, weakly regularised ones in tens instead of thousands.
-* **All models in one pass.** Every L-BFGS iteration evaluates all still-active models with
+* **Many models in one pass.** Every L-BFGS iteration evaluates all still-active models with
   one ``N x r`` by ``r x (M K)`` product and its transpose; converged models leave the batch.
+* **Warm starts.** The path runs in waves: every 5th value of the grid from zero, then the
+  values in between, each started from its solved, more strongly regularised neighbour.
 
 Convergence: a model is converged when the largest absolute gradient entry of ``f`` with
 respect to the original coefficients and intercepts is ``<= tol`` (scikit-learn's lbfgs
@@ -129,6 +131,23 @@ class _Problem:
         return coef, intercept
 
 
+def _waves(lambdas: np.ndarray, stride: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Order of work along the path: ``(models, warm-start sources)`` per wave.
+
+    Models sorted from strong to weak regularisation; wave 0 takes every ``stride``-th one
+    (strongest first) from zero, wave j the next ones, each warm-started from its stronger
+    neighbour solved in wave j - 1. ``stride=1``: all models at once from zero.
+    """
+    order = np.argsort(-lambdas, kind="stable")
+    stride = max(1, min(int(stride), len(order)))
+    out: list[tuple[np.ndarray, np.ndarray | None]] = [(order[0::stride], None)]
+    for j in range(1, stride):
+        pos = np.arange(j, len(order), stride)
+        if pos.size:
+            out.append((order[pos], order[pos - 1]))
+    return out
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-model inner products, accumulated in float64."""
     return (a * b).sum((1, 2), dtype=torch.float64)
@@ -146,16 +165,19 @@ def fit_path(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     rank_rtol: float = 1e-6,
-    stall_patience: int = 20,
+    stall_patience: int = 10,
     basis: np.ndarray | torch.Tensor | None = None,
+    wave_stride: int = 5,
     progress: bool = False,
 ) -> PathFit:
     """Fit one multinomial L2 logistic regression per ``lambdas`` entry (``C = 1 / lambda``).
 
-    Batched preconditioned L-BFGS with Armijo backtracking, all models at once. Every model
+    Batched preconditioned L-BFGS with Armijo backtracking. The path is solved in
+    ``wave_stride`` waves: every ``wave_stride``-th model (strongest first) from zero, then the
+    models in between, each warm-started from its solved stronger neighbour. Every model
     runs until its gradient statistic is ``<= tol`` or ``max_iter`` iterations; line-search
-    failures, or ``stall_patience`` iterations without a new smallest gradient (the floating
-    point precision is exhausted), end that model's fit; it is reported as converged only if
+    failures, or ``stall_patience`` steps in a row that lower the objective by less than a
+    relative 1e-10 (1e-15 in float64: the floating point precision is exhausted), end that model's fit; it is reported as converged only if
     its gradient meets ``tol``.
     """
     dev = torch.device(device) if device is not None else default_device()
@@ -177,110 +199,119 @@ def fit_path(
 
     shape = (m, prob.r + 1, k)
     u = torch.zeros(shape, dtype=dtype, device=dev)
-    all_idx = torch.arange(m, device=dev)
-    f, g, gw = prob.value_grad(u, all_idx)
-    gmax = prob.grad_max_original(gw)
+    f = torch.zeros(m, dtype=torch.float64, device=dev)
+    g = torch.zeros(shape, dtype=dtype, device=dev)
+    gw = torch.zeros_like(g)
+    gmax = torch.full((m,), float("inf"), dtype=dtype, device=dev)
     s_hist = torch.zeros((history,) + shape, dtype=dtype, device=dev)
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros((history, m), dtype=torch.float64, device=dev)
     n_mem = torch.zeros(m, dtype=torch.long, device=dev)  # valid pairs per model
     head = torch.zeros(m, dtype=torch.long, device=dev)  # next slot to write, per model
     n_iter = torch.zeros(m, dtype=torch.long, device=dev)
-    active = gmax > tol
+    active = torch.zeros(m, dtype=torch.bool, device=dev)
     stalled = torch.zeros(m, dtype=torch.bool, device=dev)
-    best_gmax = gmax.clone()
-    since_best = torch.zeros(m, dtype=torch.long, device=dev)
+    no_gain = torch.zeros(m, dtype=torch.long, device=dev)
+    # relative decrease of f below which a step counts as no progress (float32 logits carry
+    # ~1e-7 relative noise per term; sums over N samples are exact to ~1e-10)
+    stall_rtol = 1e-10 if dtype == torch.float32 else 1e-15
 
-    it = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=m, desc="logistic path", unit="fit", leave=False)
-        bar.update(int((~active).sum()))
-    while bool(active.any()) and it < max_iter:
-        it += 1
-        idx = torch.nonzero(active).flatten()
-        a = idx.numel()
-        q = g[idx].clone()
-        # two-loop recursion, newest to oldest; pair slots are per model (ring buffers)
-        alphas = []
-        for j in range(history):
-            slot = (head[idx] - 1 - j) % history
-            valid = (j < n_mem[idx])
-            sj = s_hist[slot, idx]
-            yj = y_hist[slot, idx]
-            rj = rho[slot, idx] * valid
-            al = rj * _dot(sj, q)
-            q = q - al.to(dtype)[:, None, None] * yj
-            alphas.append((al, slot, rj))
-        # initial Hessian scale from the newest pair (identity before any pair)
-        newest = (head[idx] - 1) % history
-        sy = _dot(s_hist[newest, idx], y_hist[newest, idx])
-        yy = _dot(y_hist[newest, idx], y_hist[newest, idx])
-        gamma = torch.where(n_mem[idx] > 0, sy / yy.clamp_min(1e-300), torch.ones_like(sy))
-        q = q * gamma.to(dtype)[:, None, None]
-        for al, slot, rj in reversed(alphas):
-            be = rj * _dot(y_hist[slot, idx], q)
-            q = q + (al - be).to(dtype)[:, None, None] * s_hist[slot, idx]
-        p = -q
-        gp = _dot(g[idx], p)
-        bad = gp >= 0  # not a descent direction: fall back to steepest descent
-        if bool(bad.any()):
-            p[bad] = -g[idx][bad]
-            gp = torch.where(bad, -_dot(g[idx], g[idx]), gp)
-        # unit steps: in the scaled variables the bound Hessian is the identity, so even the
-        # first (steepest-descent) step is the majorise-minimise step and decreases f
-        step = torch.ones_like(gp)
-        f0 = f[idx]
-        u0 = u[idx]
-        todo = torch.ones(a, dtype=torch.bool, device=dev)
-        f_new = f0.clone()
-        g_new = g[idx].clone()
-        gw_new = gw[idx].clone()
-        for _ in range(20):  # Armijo backtracking, only for models still searching
-            t = torch.nonzero(todo).flatten()
-            if t.numel() == 0:
-                break
-            ut = u0[t] + step[t].to(dtype)[:, None, None] * p[t]
-            ft, gt, gwt = prob.value_grad(ut, idx[t])
-            ok = ft <= f0[t] + 1e-4 * step[t] * gp[t]
-            okt = t[ok]
-            f_new[okt], g_new[okt], gw_new[okt] = ft[ok], gt[ok], gwt[ok]
-            todo[okt] = False
-            step[t[~ok]] *= 0.5
-        failed = todo
-        accepted = ~failed
-        acc_idx = idx[accepted]
-        if acc_idx.numel():
-            s_vec = step[accepted].to(dtype)[:, None, None] * p[accepted]
-            y_vec = g_new[accepted] - g[acc_idx]
-            sy_new = _dot(s_vec, y_vec)
-            good = sy_new > 1e-10 * _dot(s_vec, s_vec).sqrt() * _dot(y_vec, y_vec).sqrt()
-            slot = head[acc_idx]
-            gi = acc_idx[good]
-            s_hist[slot[good], gi] = s_vec[good]
-            y_hist[slot[good], gi] = y_vec[good]
-            rho[slot[good], gi] = 1.0 / sy_new[good]
-            head[gi] = (head[gi] + 1) % history
-            n_mem[gi] = (n_mem[gi] + 1).clamp(max=history)
-            u[acc_idx] = u0[accepted] + s_vec
-            f[acc_idx] = f_new[accepted]
-            g[acc_idx] = g_new[accepted]
-            gw[acc_idx] = gw_new[accepted]
-            gmax[acc_idx] = prob.grad_max_original(gw_new[accepted])
-            n_iter[acc_idx] += 1
-        stalled[idx[failed]] = True
-        # no new best gradient for `patience` iterations: float precision is exhausted
-        improved = gmax[idx] < best_gmax[idx]
-        best_gmax[idx] = torch.minimum(best_gmax[idx], gmax[idx])
-        since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
-        stalled[idx[since_best[idx] >= stall_patience]] = True
-        done = (gmax <= tol) | stalled
-        newly = int((active & done).sum())
-        active &= ~done
-        if bar is not None and newly:
-            bar.update(newly)
+    for wave, source in _waves(lam.cpu().numpy(), wave_stride):
+        wi = torch.as_tensor(wave, device=dev)
+        if source is not None:  # warm start from the solved, more strongly regularised neighbour
+            si = torch.as_tensor(source, device=dev)
+            u[wi] = u[si] * prob.scale[si] / prob.scale[wi]
+        f[wi], g[wi], gw[wi] = prob.value_grad(u[wi], wi)
+        gmax[wi] = prob.grad_max_original(gw[wi])
+        active[wi] = gmax[wi] > tol
+        if bar is not None:
+            bar.update(int((~active[wi]).sum()))
+        while bool(active.any()):
+            idx = torch.nonzero(active).flatten()
+            a = idx.numel()
+            q = g[idx].clone()
+            # two-loop recursion, newest to oldest; pair slots are per model (ring buffers)
+            alphas = []
+            for j in range(history):
+                slot = (head[idx] - 1 - j) % history
+                valid = (j < n_mem[idx])
+                sj = s_hist[slot, idx]
+                yj = y_hist[slot, idx]
+                rj = rho[slot, idx] * valid
+                al = rj * _dot(sj, q)
+                q = q - al.to(dtype)[:, None, None] * yj
+                alphas.append((al, slot, rj))
+            # initial Hessian scale from the newest pair (identity before any pair)
+            newest = (head[idx] - 1) % history
+            sy = _dot(s_hist[newest, idx], y_hist[newest, idx])
+            yy = _dot(y_hist[newest, idx], y_hist[newest, idx])
+            gamma = torch.where(n_mem[idx] > 0, sy / yy.clamp_min(1e-300), torch.ones_like(sy))
+            q = q * gamma.to(dtype)[:, None, None]
+            for al, slot, rj in reversed(alphas):
+                be = rj * _dot(y_hist[slot, idx], q)
+                q = q + (al - be).to(dtype)[:, None, None] * s_hist[slot, idx]
+            p = -q
+            gp = _dot(g[idx], p)
+            bad = gp >= 0  # not a descent direction: fall back to steepest descent
+            if bool(bad.any()):
+                p[bad] = -g[idx][bad]
+                gp = torch.where(bad, -_dot(g[idx], g[idx]), gp)
+            # unit steps: in the scaled variables the bound Hessian is the identity, so even the
+            # first (steepest-descent) step is the majorise-minimise step and decreases f
+            step = torch.ones_like(gp)
+            f0 = f[idx]
+            u0 = u[idx]
+            todo = torch.ones(a, dtype=torch.bool, device=dev)
+            f_new = f0.clone()
+            g_new = g[idx].clone()
+            gw_new = gw[idx].clone()
+            for _ in range(20):  # Armijo backtracking, only for models still searching
+                t = torch.nonzero(todo).flatten()
+                if t.numel() == 0:
+                    break
+                ut = u0[t] + step[t].to(dtype)[:, None, None] * p[t]
+                ft, gt, gwt = prob.value_grad(ut, idx[t])
+                ok = ft <= f0[t] + 1e-4 * step[t] * gp[t]
+                okt = t[ok]
+                f_new[okt], g_new[okt], gw_new[okt] = ft[ok], gt[ok], gwt[ok]
+                todo[okt] = False
+                step[t[~ok]] *= 0.5
+            failed = todo
+            accepted = ~failed
+            acc_idx = idx[accepted]
+            if acc_idx.numel():
+                s_vec = step[accepted].to(dtype)[:, None, None] * p[accepted]
+                y_vec = g_new[accepted] - g[acc_idx]
+                sy_new = _dot(s_vec, y_vec)
+                good = sy_new > 1e-10 * _dot(s_vec, s_vec).sqrt() * _dot(y_vec, y_vec).sqrt()
+                slot = head[acc_idx]
+                gi = acc_idx[good]
+                s_hist[slot[good], gi] = s_vec[good]
+                y_hist[slot[good], gi] = y_vec[good]
+                rho[slot[good], gi] = 1.0 / sy_new[good]
+                head[gi] = (head[gi] + 1) % history
+                n_mem[gi] = (n_mem[gi] + 1).clamp(max=history)
+                u[acc_idx] = u0[accepted] + s_vec
+                f[acc_idx] = f_new[accepted]
+                g[acc_idx] = g_new[accepted]
+                gw[acc_idx] = gw_new[accepted]
+                gmax[acc_idx] = prob.grad_max_original(gw_new[accepted])
+                n_iter[acc_idx] += 1
+            stalled[idx[failed]] = True
+            # `stall_patience` steps in a row that barely lower f: the precision is exhausted
+            gain = (f0 - f[idx]) / f0.abs().clamp_min(1.0)
+            no_gain[idx] = torch.where(gain > stall_rtol, 0, no_gain[idx] + 1)
+            stalled[idx[no_gain[idx] >= stall_patience]] = True
+            done = (gmax <= tol) | stalled | (n_iter >= max_iter)
+            newly = int((active & done).sum())
+            active &= ~done
+            if bar is not None and newly:
+                bar.update(newly)
     if bar is not None:
         bar.close()
     converged = gmax <= tol
