@@ -151,3 +151,26 @@ def test_real_ichallenge_pm_sample_end_to_end(shared_data, tmp_path):
 def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "medxfer", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "validate" in proc.stdout and "run" in proc.stdout
+
+
+def test_cli_run_with_a_custom_checkpoint(tmp_path, capsys):
+    import torch
+    import torchvision
+
+    data = _write_folder(tmp_path / "data", n_per_class=12)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        net = torchvision.models.resnet18(weights=None)
+    ckpt = tmp_path / "mine.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    out = tmp_path / "o"
+    rc = main(["run", "--quiet", "--models", f"mine=resnet18:{ckpt}:module.", "--dataset", f"toy=folder:{data}",
+               "--image-size", "32", "--set", "fewshot.n_shot=3", "--set", "fewshot.n_query=3",
+               "--set", "fewshot.episodes=20", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((out / "results" / "mine__toy__fewshot__seed0.json").read_text())
+    assert r["model_info"]["random_weights"] is False and r["model_info"]["arch"] == "resnet18"
+    loaded = medxfer.load_model("mine")
+    for k, v in net.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(loaded.state_dict()[k], v), k

@@ -19,7 +19,7 @@ from medxfer.cache import content_key, resolve_cache_dir, write_text_atomic
 from medxfer.config import DatasetArg, RunSpec
 from medxfer.data import Dataset, load_dataset
 from medxfer.features import FeatureSet
-from medxfer.models import MODELS, Backbone, is_cached, load_model
+from medxfer.models import MODELS, Backbone, is_cached, load_model, resolve_model_arg
 from medxfer.prepare import PreparedImages
 from medxfer.protocols import PROTOCOLS, Protocol
 from medxfer.results import Cell, build_result, load_results, read_result, result_path, write_result
@@ -104,8 +104,7 @@ def run(spec: RunSpec, progress: bool = True) -> RunOutcome:
     cache_dir = resolve_cache_dir(spec.cache_dir)
     device = resolve_device(spec.device)
     protocols = [PROTOCOLS.get(p) for p in spec.protocols]
-    for name in spec.models:  # unknown names fail before any work
-        MODELS.get(name)
+    model_names = [resolve_model_arg(m) for m in spec.models]  # unknown names fail before any work
     datasets = load_datasets(spec)
     args = {a.label: a for a in spec.datasets}
     outcome = RunOutcome(out=out)
@@ -118,7 +117,7 @@ def run(spec: RunSpec, progress: bool = True) -> RunOutcome:
                                             skip_bad=spec.skip_bad, progress=progress)
         return prepared_cache[label]
 
-    for model_name in spec.models:
+    for model_name in model_names:
         model = load_model(model_name, weights=weights_choice(model_name, spec.weights, cache_dir),
                            cache_dir=cache_dir)
         log.info("model %s: %s", model.name, model.weights)

@@ -19,7 +19,7 @@ def _models(cache_dir: str | None) -> list[dict[str, Any]]:
             "imagenet_top1": spec.imagenet_top1, "imagenet_top1_paper": spec.imagenet_top1_paper,
             "in_paper": spec.in_paper, "licence": spec.licence,
             "cached": bool(spec.urls or spec.fmt != "none") and is_cached(spec, cache_dir),
-            "source": spec.urls[0] if spec.urls else "",
+            "source": spec.urls[0] if spec.urls else (getattr(spec, "fetch_hint", "") or spec.path or ""),
         })
     return rows
 

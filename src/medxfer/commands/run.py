@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a packaged run spec: paper (the full grid; roots from $MEDXFER_DATA)")
     p.add_argument("--models", help="comma-separated model names (see `medxfer ls models`), or "
                                     "LABEL=ARCH:CHECKPOINT[:PREFIX] for your own checkpoint")
+    p.add_argument("--model-file", help="a YAML file of your own checkpoints (models: [{name, arch, checkpoint, ...}])")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                    help="a registered dataset NAME=PATH, or LABEL=folder:DIR / LABEL=csv:FILE / "
                         "LABEL=medmnist:FILE (repeatable)")
@@ -98,18 +99,21 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
             base[field_name] = value
     if args.skip_bad:
         base["skip_bad"] = True
+    if args.model_file:
+        from medxfer.models.custom import load_model_file
+
+        file_models = load_model_file(args.model_file)
+        base.setdefault("models", file_models)
     if "models" not in base:
-        raise SpecError("give --models (or a --config with models)")
+        raise SpecError("give --models (or --model-file, or a --config with models)")
     base["models"] = [_resolve_model(m) for m in base["models"]]
     return RunSpec.from_dict(base, where="command line")
 
 
 def _resolve_model(text: str) -> str:
     """A registered name, or a custom LABEL=ARCH:CHECKPOINT[:PREFIX] registered on the fly."""
-    try:
-        from medxfer.models import resolve_model_arg
-    except ImportError:
-        return text
+    from medxfer.models import resolve_model_arg
+
     return resolve_model_arg(text)
 
 
