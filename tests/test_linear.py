@@ -181,3 +181,16 @@ def test_gpu_path_matches_cpu() -> None:
     gpu = fit_path(x, y, lambdas, device="cuda", tol=1e-5)
     assert gpu.device.startswith("cuda")
     np.testing.assert_allclose(gpu.predict_proba(x), cpu.predict_proba(x), atol=2e-3)
+
+
+def test_warm_started_fit_reaches_the_same_solution_faster() -> None:
+    x, y = blobs(300, 10, 3, seed=11)
+    lam = np.array([0.1])
+    cold = fit_path(x, y, lam, dtype=torch.float64, tol=1e-9, device="cpu")
+    near = fit_path(x[:250], y[:250], lam, dtype=torch.float64, tol=1e-9, device="cpu")
+    warm = fit_path(x, y, lam, dtype=torch.float64, tol=1e-9, device="cpu", init=(near.coef, near.intercept))
+    assert cold.converged.all() and warm.converged.all()
+    np.testing.assert_allclose(warm.coef, cold.coef, atol=1e-6)
+    assert warm.n_iter[0] < cold.n_iter[0]
+    same = fit_path(x, y, lam, dtype=torch.float64, tol=1e-9, device="cpu", init=(cold.coef, cold.intercept))
+    assert same.n_iter[0] <= 1  # starting at the optimum: nothing (or one polishing step) to do

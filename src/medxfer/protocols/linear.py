@@ -69,7 +69,9 @@ def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
 
     def refit(i: int) -> tuple[np.ndarray, int, bool]:
         # reuse the path's rotation (exact; saves the eigendecomposition) when it is a full basis
-        one = fit_path(x_all, y_all, lambdas[i : i + 1], basis=path.basis, **opts)
+        # and start from the path's solution for that C (the data differ only by the val rows)
+        one = fit_path(x_all, y_all, lambdas[i : i + 1], basis=path.basis,
+                       init=(path.coef[i : i + 1], path.intercept[i : i + 1]), **opts)
         return one.predict_proba(x_test)[0], int(one.n_iter[0]), bool(one.converged[0])
 
     info = {"device": path.device, "dtype": params["dtype"], "grad_max": path.grad_max.tolist(),

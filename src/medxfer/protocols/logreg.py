@@ -123,6 +123,12 @@ class _Problem:
         g_orig = torch.einsum("dr,ark->adk", self.v, gwz) + self.mu[None, :, None] * gb[:, None, :]
         return torch.maximum(g_orig.abs().amax((1, 2)), gb.abs().amax(1))
 
+    def from_original(self, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
+        """Scaled variables (M x (r+1) x K) of models given in the original space."""
+        wz = torch.einsum("dr,mdk->mrk", self.v, coef)
+        b = intercept + torch.einsum("d,mdk->mk", self.mu, coef)
+        return torch.cat([wz, b[:, None, :]], dim=1) / self.scale
+
     def to_original(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = u * self.scale
         wz, b = w[:, : self.r, :], w[:, self.r, :]
@@ -168,13 +174,16 @@ def fit_path(
     stall_patience: int = 10,
     basis: np.ndarray | torch.Tensor | None = None,
     wave_stride: int = 5,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = False,
 ) -> PathFit:
     """Fit one multinomial L2 logistic regression per ``lambdas`` entry (``C = 1 / lambda``).
 
     Batched preconditioned L-BFGS with Armijo backtracking. The path is solved in
     ``wave_stride`` waves: every ``wave_stride``-th model (strongest first) from zero, then the
-    models in between, each warm-started from its solved stronger neighbour. Every model
+    models in between, each warm-started from its solved stronger neighbour; ``init``
+    (coefficients M x D x K, intercepts M x K) starts every model from given values instead
+    (e.g. the refit on train + validation from the path's solution). Every model
     runs until its gradient statistic is ``<= tol`` or ``max_iter`` iterations; line-search
     failures, or ``stall_patience`` steps in a row that lower the objective by less than a
     relative 1e-10 (1e-15 in float64: the floating point precision is exhausted), end that model's fit; it is reported as converged only if
@@ -221,6 +230,14 @@ def fit_path(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=m, desc="logistic path", unit="fit", leave=False)
+    if init is not None:
+        coef0 = torch.as_tensor(np.asarray(init[0]), dtype=dtype, device=dev)
+        icpt0 = torch.as_tensor(np.asarray(init[1]), dtype=dtype, device=dev)
+        if coef0.shape != (m, prob.d, k) or icpt0.shape != (m, k):
+            raise ValueError(f"init must be ({m} x {prob.d} x {k}, {m} x {k}) arrays, "
+                             f"got {tuple(coef0.shape)}, {tuple(icpt0.shape)}")
+        u = prob.from_original(coef0, icpt0)
+        wave_stride = 1
     for wave, source in _waves(lam.cpu().numpy(), wave_stride):
         wi = torch.as_tensor(wave, device=dev)
         if source is not None:  # warm start from the solved, more strongly regularised neighbour
