@@ -256,3 +256,13 @@ def test_folded_trunk_made_once_per_model(prepared, tmp_path: Path, monkeypatch:
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
     assert len(folds) == 2
     np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_option_gives_same_features(prepared, tmp_path: Path) -> None:
+    """torch.compile (inductor; about 30 s to compile on a small CPU) changes nothing but speed."""
+    model = load_model("test-tiny", weights="random")
+    a = extract_features(model, prepared, cache_dir=tmp_path / "a", compile=True, batch_size=5, progress=False)
+    b = extract_features(model, prepared, cache_dir=tmp_path / "b", batch_size=5, progress=False)
+    assert a.meta["compile"] and not b.meta["compile"]
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
