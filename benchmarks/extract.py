@@ -28,7 +28,7 @@ from torchvision import transforms as T
 from _common import (Timing, bf16_supported, eyepacs_sample, load_average, machine, ratio_line, synthetic_xrays,
                      timed)
 from medxfer.data.records import Dataset
-from medxfer.extract import AUTOCAST_TOLERANCE, autocast_context, extract_features, folded_trunk
+from medxfer.extract import AUTOCAST_TOLERANCE, autocast_context, extract_features, runtime_trunk
 from medxfer.models import load_model
 from medxfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.prepare import prepare
@@ -68,14 +68,17 @@ def baseline(model: torch.nn.Module, ds: Dataset, batch: int, workers: int, devi
     return timed(run)
 
 
-def forward_limit(model: torch.nn.Module, n: int, batch: int, device: str, precision: str, size: int) -> Timing:
+def forward_limit(model: torch.nn.Module, dtype: torch.dtype, n: int, batch: int, device: str, precision: str,
+                  size: int) -> Timing:
     """Seconds for n images through the trunk alone (same batches, precision, channels-last)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
     batches = [min(batch, n - s) for s in range(0, n, batch)]
+    autocast = precision if dtype == torch.float32 else "fp32"  # a bf16 copy needs no autocast
 
     def run() -> None:
-        with torch.inference_mode(), autocast_context(device, precision):
+        with torch.inference_mode(), autocast_context(device, autocast):
             for b in batches:
                 model(x[:b])
         if device.startswith("cuda"):
@@ -97,19 +100,19 @@ def pixel_difference(ds: Dataset, array: np.ndarray, size: int, limit: int = 8) 
 
 
 def warm_up(model: torch.nn.Module, batch: int, device: str, precision: str, size: int,
-            channels_last: bool) -> None:
+            channels_last: bool, dtype: torch.dtype = torch.float32) -> None:
     """One untimed batch per configuration (kernel selection, allocator), as any long run has."""
-    x = torch.zeros(batch, 3, size, size, device=device)
+    x = torch.zeros(batch, 3, size, size, device=device, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast_context(device, precision):
+    with torch.inference_mode(), autocast_context(device, precision if dtype == torch.float32 else "fp32"):
         model(x)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=32, help="images per dataset (EyePACS has 50)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--images", type=int, default=64, help="images per dataset (EyePACS: at most its 50)")
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--arch", default="supervised-r50")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
@@ -127,9 +130,9 @@ def main() -> None:
     base_model = load_model(args.arch, weights="random").to(args.device)  # contiguous fp32
     ours_model = load_model(args.arch, weights="random")  # same seed -> same weights
     warm_up(base_model, args.batch, args.device, "fp32", args.size, channels_last=False)
-    folded, t_fold = timed(lambda: folded_trunk(ours_model))
-    print(f"one-time per model: BatchNorm folding ({t_fold}), reused by every extraction of this model")
-    trunk = (folded or ours_model.trunk).to(args.device, memory_format=torch.channels_last)  # what extract runs
+    _, t_fold = timed(lambda: [runtime_trunk(ours_model, args.device, p) for p in ("fp32", precision)])
+    print(f"one-time per model: BatchNorm folding (and the {precision} copy) ({t_fold}), "
+          f"reused by every extraction of this model")
 
     ratios, fractions = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,12 +154,13 @@ def main() -> None:
                   f"{t_prep}; {n / t_prep.pick(use_cpu):.1f} img/s")
             results = {}
             for prec in dict.fromkeys(("fp32", precision)):
+                trunk, dtype = runtime_trunk(ours_model, args.device, prec)  # exactly what extract runs
                 trunk.to(args.device, memory_format=torch.channels_last)  # extract moves it back to the cpu
-                warm_up(trunk, args.batch, args.device, prec, args.size, channels_last=True)
+                warm_up(trunk, args.batch, args.device, prec, args.size, channels_last=True, dtype=dtype)
                 fs, t_ext = timed(lambda: extract_features(ours_model, prep, cache_dir=cache, batch_size=args.batch,
                                                            device=args.device, precision=prec, progress=False))
                 trunk.to(args.device, memory_format=torch.channels_last)
-                t_lim = forward_limit(trunk, n, args.batch, args.device, prec, args.size)
+                t_lim = forward_limit(trunk, dtype, n, args.batch, args.device, prec, args.size)
                 e, lim = t_ext.pick(use_cpu), t_lim.pick(use_cpu)
                 results[prec] = (np.asarray(fs.features), e, lim)
                 print(f"ours extract {prec} (prepared): {t_ext}; {n / e:.2f} img/s; forward limit {n / lim:.2f} "

@@ -9,6 +9,7 @@ resumes; the finished array is checked complete and finite before ``meta.json`` 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -176,17 +177,42 @@ def _extract_to_cache(model: Backbone, prepared: PreparedImages, out: Path, *, b
     log.info("extract %s on %s: %d images in %.1fs", model.name, prepared.dataset, len(todo), seconds)
 
 
-_FOLDED: "weakref.WeakKeyDictionary[Backbone, tuple[str, torch.nn.Module | None]]" = weakref.WeakKeyDictionary()
+_FOLDED: "weakref.WeakKeyDictionary[Backbone, dict[tuple[str, torch.dtype], torch.nn.Module | None]]" = (
+    weakref.WeakKeyDictionary())
 
 
-def folded_trunk(model: Backbone) -> torch.nn.Module | None:
-    """The BatchNorm-folded copy of ``model.trunk``, made once per model and weights (about a
-    second for ResNet-50) and reused by later extractions; None when it cannot be folded."""
-    cached = _FOLDED.get(model)
-    if cached is None or cached[0] != model.weights_hash:
-        cached = (model.weights_hash, fold_batchnorm(model.trunk))
-        _FOLDED[model] = cached
-    return cached[1]
+def folded_trunk(model: Backbone, dtype: torch.dtype = torch.float32) -> torch.nn.Module | None:
+    """The BatchNorm-folded copy of ``model.trunk`` with weights in ``dtype``, made once per
+    model, weights and dtype (about a second for ResNet-50) and reused by later extractions;
+    None when the trunk cannot be folded."""
+    copies = _FOLDED.setdefault(model, {})
+    key = (model.weights_hash, dtype)
+    if key not in copies:
+        for old in [k for k in copies if k[0] != model.weights_hash]:
+            del copies[old]  # the weights changed: stale copies go
+        if dtype == torch.float32:
+            copies[key] = fold_batchnorm(model.trunk)
+        else:
+            base = folded_trunk(model)
+            copies[key] = None if base is None else copy.deepcopy(base).to(dtype)
+    return copies[key]
+
+
+def runtime_trunk(model: Backbone, device: str, precision: str, fuse: bool = True) -> tuple[torch.nn.Module, torch.dtype]:
+    """The module extraction runs for this device and precision, and the dtype of its input.
+
+    With ``fuse``: the BatchNorm-folded copy (the caller's model is untouched); bf16 on a CPU
+    uses a bf16 copy of it on bf16 input (the same roundings as autocast, which casts the same
+    folded weights on every call, without re-casting them per batch: about 1.5x faster on
+    CPU); otherwise fp32 weights, with autocast for reduced precision. Without ``fuse``, or
+    when folding is impossible, the model's own trunk.
+    """
+    if fuse and torch.device(device).type == "cpu" and precision == "bf16":
+        copy_bf16 = folded_trunk(model, torch.bfloat16)
+        if copy_bf16 is not None:
+            return copy_bf16, torch.bfloat16
+    folded = folded_trunk(model) if fuse else None
+    return (folded if folded is not None else model.trunk), torch.float32
 
 
 def fold_batchnorm(trunk: torch.nn.Module) -> torch.nn.Module | None:
@@ -205,11 +231,8 @@ def fold_batchnorm(trunk: torch.nn.Module) -> torch.nn.Module | None:
 
 
 class _Runner:
-    """Puts the trunk on the device (channels-last) and runs normalised batches through it.
-
-    With ``fuse`` the trunk runs as a BatchNorm-folded copy (the caller's model is untouched);
-    otherwise the model itself is moved and moved back by :meth:`restore`.
-    """
+    """Puts the :func:`runtime_trunk` on the device (channels-last) and runs normalised batches
+    through it; :meth:`restore` puts the caller's model back (or the copy off the accelerator)."""
 
     def __init__(self, model: Backbone, device: str, precision: str, compile: bool, fuse: bool = True) -> None:
         self.model = model
@@ -218,9 +241,8 @@ class _Runner:
         self.pin = self.device.type == "cuda"
         first = next(model.parameters(), None)
         self._home = first.device if first is not None else torch.device("cpu")
-        folded = folded_trunk(model) if fuse else None
-        self.fused = folded is not None
-        trunk = folded if folded is not None else model.trunk
+        trunk, self.dtype = runtime_trunk(model, device, precision, fuse)
+        self.fused = trunk is not model.trunk
         trunk.to(self.device, memory_format=torch.channels_last)
         self._trunk = trunk
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
@@ -249,6 +271,8 @@ class _Runner:
     def _forward(self, part: torch.Tensor) -> torch.Tensor:
         x = part.to(self.device, non_blocking=self.pin).permute(0, 3, 1, 2)  # NHWC memory = channels-last
         x = self.model.normalize(x).contiguous(memory_format=torch.channels_last)
+        if self.dtype != torch.float32:  # a copy whose weights are already in this dtype
+            return self.forward(x.to(self.dtype)).float().cpu()
         with autocast_context(str(self.device), self.precision):
             y = self.forward(x)
         return y.float().cpu()

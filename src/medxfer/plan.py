@@ -18,8 +18,8 @@ import torch
 from medxfer.cache import resolve_cache_dir
 from medxfer.config import RunSpec
 from medxfer.data.records import Dataset
-from medxfer.extract import autocast_context, default_batch_size, features_dir, fold_batchnorm
-from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, load_model
+from medxfer.extract import autocast_context, default_batch_size, features_dir, runtime_trunk
+from medxfer.models import MODELS, WeightsUnavailableError, load_model
 from medxfer.models.backbone import Backbone
 from medxfer.prepare import STATE_TODO, decode_record, default_workers, prepare_dir_for, prepared_key
 from medxfer.protocols.base import PROTOCOLS
@@ -217,17 +217,18 @@ def _probe_decode(d: DatasetPlan, spec: RunSpec) -> None:
 
 
 def _probe_forward(m: ModelPlan, spec: RunSpec, device: str) -> float | None:
-    """Seconds per image for the architecture's (BatchNorm-folded) trunk on the device."""
+    """Seconds per image for the model's architecture as extraction runs it on the device."""
     batch = spec.batch_size or default_batch_size(device)
     if torch.device(device).type == "cpu":
         batch = min(batch, 8)  # per-image cost on a CPU hardly depends on the batch
     try:
-        trunk = build_trunk(m.arch, seed=0).eval()
-        trunk = fold_batchnorm(trunk) or trunk
+        model = load_model(m.name, weights="random")  # timing does not depend on the weights
+        trunk, dtype = runtime_trunk(model, device, spec.precision)  # what extraction will run
         trunk.to(device, memory_format=torch.channels_last)
-        x = torch.zeros(batch, 3, spec.image_size, spec.image_size, device=device).contiguous(
+        x = torch.zeros(batch, 3, spec.image_size, spec.image_size, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast_context(device, spec.precision):
+        autocast = spec.precision if dtype == torch.float32 else "fp32"
+        with torch.inference_mode(), autocast_context(device, autocast):
             trunk(x)  # warm-up
             _sync(device)
             t0 = time.perf_counter()
