@@ -237,6 +237,8 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
             opt.load_state_dict(ck["opt"])
             sched.load_state_dict(ck["sched"])
             g_aug.set_state(ck["g_aug"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
             step, best_score, best_loss = ck["step"], ck["best_score"], ck["best_loss"]
             best_step, bad_evals, curve, best_state = ck["best_step"], ck["bad_evals"], ck["curve"], ck["best_state"]
             resumed_from = step
@@ -289,7 +291,8 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
                 state = {"key": key, "net": snapshot_state(net), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "g_aug": g_aug.get_state(), "step": step,
                          "best_score": best_score, "best_loss": best_loss, "best_step": best_step,
-                         "bad_evals": bad_evals, "curve": curve, "best_state": best_state}
+                         "bad_evals": bad_evals, "curve": curve, "best_state": best_state,
+                         "scaler": scaler.state_dict() if scaler is not None else None}
                 with atomic_path(ckpt_path) as tmp:
                     torch.save(state, tmp)
                 _after_checkpoint(step)
@@ -381,7 +384,10 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
         best_i = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
         if best_i == i:
             best_net = net
+            for o in outcomes[:-1]:
+                o.best_state = {}  # only the best trial's weights are kept in memory
         else:
+            out.best_state = {}
             del net
     chosen = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
     best = outcomes[chosen]

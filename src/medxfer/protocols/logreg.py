@@ -6,11 +6,12 @@ Objective of one model (scikit-learn's meaning of ``C``, ``lam = 1 / C``)::
 
 How it is fast:
 
-* **Exact reparametrisation.** Features are centred (the intercept absorbs the mean) and
-  rotated onto the eigenvectors of their covariance; with N < D the null space is dropped
-  (the optimum puts no weight there, since only the penalty acts on it), shrinking the
-  problem to N x N. A later fit on similar data (the refit on train + validation) may reuse
-  a full rotation: the problem stays exact, only the preconditioner is slightly less tuned.
+* **Exact reparametrisation.** Features are centred (the intercept absorbs the mean) and the
+  weights are expressed in an orthonormal eigenbasis of the feature covariance (estimated
+  from at most 4096 evenly spaced rows: any orthonormal basis is exact, the estimate only
+  tunes the preconditioner). With N < D the null space of the rows is dropped (the optimum
+  puts no weight there, since only the penalty acts on it), shrinking the problem to
+  N x N. A later fit on similar data (the refit on train + validation) reuses the basis.
 * **Preconditioning.** In that basis Böhning's bound on the softmax Hessian,
   ``1/2 (I - 11'/K) (x) Cov + lam/N I``, is diagonal, so every model is optimised in
   variables scaled by ``(s_j / 2 + lam / N) ** -1/2``: strongly regularised fits converge in a
@@ -51,7 +52,7 @@ class PathFit:
     grad_max: np.ndarray
     tol: float
     device: str
-    basis: torch.Tensor | None = None  # the full orthonormal rotation used (None when reduced, N < D)
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None  # full rotation V + variances (None when N < D)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """M x N x K logits of every model on ``x`` (N x D)."""
@@ -71,57 +72,86 @@ def default_device() -> torch.device:
 
 
 class _Problem:
-    """The rotated, centred data and the batched objective for a set of models."""
+    """The centred data in an eigenbasis of its covariance and the batched objective.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, k: int, lambdas: torch.Tensor,
-                 rank_rtol: float, basis: torch.Tensor | None = None) -> None:
+    Two layouts, the same maths: with N < D the data are rotated once into the r <= N
+    dimensional span of the rows (``a = Z``, cheap); otherwise the data stay in their original
+    basis (``a = X``) and the weights are rotated each step (``W = V Wz``), which avoids an
+    N x D x D product per fit.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, k: int, lambdas: torch.Tensor, rank_rtol: float,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None, precond_rows: int = 4096) -> None:
         n, d = x.shape
         self.n, self.d, self.k = n, d, k
         self.mu = x.mean(0)
-        xc = x - self.mu
-        if basis is not None:  # a full orthonormal basis from an earlier fit (exact for any data)
-            v = basis
+        if basis is not None:  # a full orthonormal basis (+ variances) from an earlier fit: exact
+            v, var = basis
+            self.rotated = False
         elif n < d:  # eigenvectors through the small N x N Gram matrix; drop the null space
+            xc = x - self.mu
             evals, u = torch.linalg.eigh(xc @ xc.T)
             keep = evals > rank_rtol * evals.max().clamp_min(torch.finfo(x.dtype).tiny)
             v = (xc.T @ u[:, keep]) / evals[keep].sqrt()  # D x r, orthonormal columns
-        else:  # eigenvectors of the scatter matrix, every direction kept: no approximation
-            v = torch.linalg.eigh(xc.T @ xc)[1]
+            var = evals[keep] / n
+            self.rotated = True
+        else:
+            # every direction kept, so any orthonormal V is exact; the covariance (estimated
+            # from at most `precond_rows` evenly spaced rows) only tunes the preconditioner
+            step = max(1, n // max(precond_rows, 2 * d))
+            xs = x[::step] - self.mu
+            evals, v = torch.linalg.eigh(xs.T @ xs)
+            var = evals.clamp_min(0.0) / xs.shape[0]
+            self.rotated = False
         self.v = v.to(x.dtype)  # D x r
-        self.z = xc @ self.v  # N x r
-        self.s = (self.z * self.z).mean(0)  # variances along the basis vectors
-        self.r = self.z.shape[1]
+        self.var = var.to(x.dtype)  # variances along the basis vectors (preconditioner only)
+        self.r = self.v.shape[1]
+        self.a = (x - self.mu) @ self.v if self.rotated else x
+        self.a_mu = None if self.rotated else self.mu
         self.y = y
         self.onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)
         self.lam_n = (lambdas / n).to(x.dtype)  # penalty per model, M
         # preconditioner: scale of each variable, M x (r + 1) x 1 (last row = intercept)
-        scale_w = (0.5 * self.s[None, :] + self.lam_n[:, None]).rsqrt()
+        scale_w = (0.5 * self.var[None, :] + self.lam_n[:, None]).rsqrt()
         scale_b = torch.full((len(lambdas), 1), 2.0 ** 0.5, dtype=x.dtype, device=x.device)
         self.scale = torch.cat([scale_w, scale_b], dim=1).unsqueeze(-1)
 
-    def value_grad(self, u: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Objective (float64, a), gradient in scaled variables and in W space (a x (r+1) x K)."""
-        a = u.shape[0]
-        w = u * self.scale[idx]  # a x (r+1) x K
+    def value_grad(self, u: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Objective (float64), gradient in scaled variables, gradient in (Wz, b) and the
+        convergence statistic max |gradient| w.r.t. the original coefficients and intercepts."""
+        m = u.shape[0]
+        k = self.k
+        w = u * self.scale[idx]  # m x (r+1) x K
         wz = w[:, : self.r, :]
         b = w[:, self.r, :]
-        logits = (self.z @ wz.permute(1, 0, 2).reshape(self.r, a * self.k)).view(self.n, a, self.k) + b
-        logp = torch.log_softmax(logits, dim=2)
-        nll = -(logp * self.onehot[:, None, :]).sum(2).double().sum(0) / self.n  # a
+        wz_flat = wz.permute(1, 0, 2).reshape(self.r, m * k)
+        w_data = wz_flat if self.rotated else self.v @ wz_flat  # weights in the layout of `a`
+        logits = (self.a @ w_data).view(self.n, m, k) + b
+        if self.a_mu is not None:  # centring, applied to the weights instead of the data
+            logits = logits - (self.a_mu @ w_data).view(1, m, k)
+        # the softmax in float64 (N x m x K values, cheap next to the products): with strong
+        # regularisation f barely moves away from log K and float32 would hide its decrease
+        logp = torch.log_softmax(logits.double(), dim=2)
+        nll = -(logp * self.onehot[:, None, :]).sum((0, 2)) / self.n  # m
         lam = self.lam_n[idx]
         pen = 0.5 * lam.double() * (wz.double() ** 2).sum((1, 2))
-        gl = (logp.exp() - self.onehot[:, None, :]) / self.n  # N x a x K
-        gwz = (self.z.T @ gl.reshape(self.n, a * self.k)).view(self.r, a, self.k).permute(1, 0, 2)
-        gwz = gwz + lam[:, None, None] * wz
-        gb = gl.sum(0)  # a x K
+        gl = ((logp.exp() - self.onehot[:, None, :]) / self.n).to(u.dtype)  # N x m x K
+        gb = gl.sum(0)  # m x K
+        g_data = self.a.T @ gl.reshape(self.n, m * k)  # gradient w.r.t. w_data (uncentred)
+        if self.rotated:
+            gwz_flat = g_data
+            g_orig = self.v @ g_data  # z is centred: the original-space data gradient
+        else:
+            g_orig = g_data
+            gwz_flat = self.v.T @ (g_data - self.a_mu[:, None] * gb.reshape(1, m * k))
+        gwz = gwz_flat.view(self.r, m, k).permute(1, 0, 2) + lam[:, None, None] * wz
         gw = torch.cat([gwz, gb[:, None, :]], dim=1)
-        return nll + pen, gw * self.scale[idx], gw
-
-    def grad_max_original(self, gw: torch.Tensor) -> torch.Tensor:
-        """max |gradient| w.r.t. the original (uncentred, unrotated) coefficients and intercepts."""
-        gwz, gb = gw[:, : self.r, :], gw[:, self.r, :]
-        g_orig = torch.einsum("dr,ark->adk", self.v, gwz) + self.mu[None, :, None] * gb[:, None, :]
-        return torch.maximum(g_orig.abs().amax((1, 2)), gb.abs().amax(1))
+        # original coefficients w = V wz, intercept b0 = b - mu' w: d f/d w = X' gl + lam/N w
+        coef = (self.v @ wz_flat if self.rotated else w_data).view(self.d, m, k)
+        g_coef = (g_orig + (self.mu[:, None] * gb.reshape(1, m * k) if self.rotated else 0)).view(self.d, m, k)
+        g_coef = g_coef + lam[None, :, None] * coef
+        gmax = torch.maximum(g_coef.abs().amax((0, 2)), gb.abs().amax(1))
+        return nll + pen, gw * self.scale[idx], gw, gmax
 
     def from_original(self, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
         """Scaled variables (M x (r+1) x K) of models given in the original space."""
@@ -172,7 +202,8 @@ def fit_path(
     dtype: torch.dtype = torch.float32,
     rank_rtol: float = 1e-6,
     stall_patience: int = 10,
-    basis: np.ndarray | torch.Tensor | None = None,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+    precond_rows: int = 4096,
     wave_stride: int = 5,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = False,
@@ -185,9 +216,12 @@ def fit_path(
     (coefficients M x D x K, intercepts M x K) starts every model from given values instead
     (e.g. the refit on train + validation from the path's solution). Every model
     runs until its gradient statistic is ``<= tol`` or ``max_iter`` iterations; line-search
-    failures, or ``stall_patience`` steps in a row that lower the objective by less than a
-    relative 1e-10 (1e-15 in float64: the floating point precision is exhausted), end that model's fit; it is reported as converged only if
-    its gradient meets ``tol``.
+    failures, or ``stall_patience`` steps in a row that neither lower the objective by a
+    relative 1e-10 (1e-15 in float64) nor reach a new smallest gradient (the precision is
+    exhausted), end that model's fit; it
+    is reported as converged only if its gradient meets ``tol``. ``basis`` (a full rotation
+    and variances from an earlier fit, :attr:`PathFit.basis`) skips the eigendecomposition;
+    ``precond_rows`` caps the rows used to estimate the covariance (preconditioner only).
     """
     dev = torch.device(device) if device is not None else default_device()
     yv = np.asarray(y, dtype=np.int64)
@@ -201,10 +235,11 @@ def fit_path(
     lam = torch.as_tensor(np.asarray(lambdas, dtype=np.float64), device=dev)
     m = lam.numel()
     if basis is not None:
-        basis = torch.as_tensor(basis, dtype=dtype, device=dev)
-        if basis.shape != (xt.shape[1], xt.shape[1]):
-            raise ValueError(f"basis must be a full D x D orthonormal matrix, got {tuple(basis.shape)}")
-    prob = _Problem(xt, yt, k, lam, rank_rtol, basis)
+        basis = (torch.as_tensor(basis[0], dtype=dtype, device=dev), torch.as_tensor(basis[1], dtype=dtype, device=dev))
+        if basis[0].shape != (xt.shape[1], xt.shape[1]) or basis[1].shape != (xt.shape[1],):
+            raise ValueError(f"basis must be a full D x D orthonormal matrix and D variances, "
+                             f"got {tuple(basis[0].shape)}, {tuple(basis[1].shape)}")
+    prob = _Problem(xt, yt, k, lam, rank_rtol, basis, precond_rows)
 
     shape = (m, prob.r + 1, k)
     u = torch.zeros(shape, dtype=dtype, device=dev)
@@ -221,6 +256,7 @@ def fit_path(
     active = torch.zeros(m, dtype=torch.bool, device=dev)
     stalled = torch.zeros(m, dtype=torch.bool, device=dev)
     no_gain = torch.zeros(m, dtype=torch.long, device=dev)
+    best_gmax = torch.full((m,), float("inf"), dtype=dtype, device=dev)
     # relative decrease of f below which a step counts as no progress (float32 logits carry
     # ~1e-7 relative noise per term; sums over N samples are exact to ~1e-10)
     stall_rtol = 1e-10 if dtype == torch.float32 else 1e-15
@@ -243,8 +279,8 @@ def fit_path(
         if source is not None:  # warm start from the solved, more strongly regularised neighbour
             si = torch.as_tensor(source, device=dev)
             u[wi] = u[si] * prob.scale[si] / prob.scale[wi]
-        f[wi], g[wi], gw[wi] = prob.value_grad(u[wi], wi)
-        gmax[wi] = prob.grad_max_original(gw[wi])
+        f[wi], g[wi], gw[wi], gmax[wi] = prob.value_grad(u[wi], wi)
+        best_gmax[wi] = gmax[wi]
         active[wi] = gmax[wi] > tol
         if bar is not None:
             bar.update(int((~active[wi]).sum()))
@@ -287,15 +323,18 @@ def fit_path(
             f_new = f0.clone()
             g_new = g[idx].clone()
             gw_new = gw[idx].clone()
+            gm_new = gmax[idx].clone()
             for _ in range(20):  # Armijo backtracking, only for models still searching
                 t = torch.nonzero(todo).flatten()
                 if t.numel() == 0:
                     break
                 ut = u0[t] + step[t].to(dtype)[:, None, None] * p[t]
-                ft, gt, gwt = prob.value_grad(ut, idx[t])
+                ft, gt, gwt, gmt = prob.value_grad(ut, idx[t])
                 ok = ft <= f0[t] + 1e-4 * step[t] * gp[t]
+                # approximate Armijo: f unchanged within rounding and a smaller gradient
+                ok |= (ft <= f0[t] + stall_rtol * f0[t].abs()) & (gmt < gmax[idx[t]])
                 okt = t[ok]
-                f_new[okt], g_new[okt], gw_new[okt] = ft[ok], gt[ok], gwt[ok]
+                f_new[okt], g_new[okt], gw_new[okt], gm_new[okt] = ft[ok], gt[ok], gwt[ok], gmt[ok]
                 todo[okt] = False
                 step[t[~ok]] *= 0.5
             failed = todo
@@ -317,12 +356,15 @@ def fit_path(
                 f[acc_idx] = f_new[accepted]
                 g[acc_idx] = g_new[accepted]
                 gw[acc_idx] = gw_new[accepted]
-                gmax[acc_idx] = prob.grad_max_original(gw_new[accepted])
+                gmax[acc_idx] = gm_new[accepted]
                 n_iter[acc_idx] += 1
             stalled[idx[failed]] = True
-            # `stall_patience` steps in a row that barely lower f: the precision is exhausted
+            # `stall_patience` steps in a row that neither lower f by a relative `stall_rtol`
+            # nor reach a new smallest gradient: the floating point precision is exhausted
             gain = (f0 - f[idx]) / f0.abs().clamp_min(1.0)
-            no_gain[idx] = torch.where(gain > stall_rtol, 0, no_gain[idx] + 1)
+            progress_made = (gain > stall_rtol) | (gmax[idx] < best_gmax[idx])
+            best_gmax[idx] = torch.minimum(best_gmax[idx], gmax[idx])
+            no_gain[idx] = torch.where(progress_made, 0, no_gain[idx] + 1)
             stalled[idx[no_gain[idx] >= stall_patience]] = True
             done = (gmax <= tol) | stalled | (n_iter >= max_iter)
             newly = int((active & done).sum())
@@ -345,5 +387,5 @@ def fit_path(
         grad_max=gmax.double().cpu().numpy(),
         tol=float(tol),
         device=str(dev),
-        basis=prob.v if prob.r == prob.d else None,
+        basis=(prob.v, prob.var) if prob.r == prob.d else None,
     )
