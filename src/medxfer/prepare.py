@@ -139,7 +139,7 @@ def _decode_task(path: str, size: int, resize: str, channels: int) -> tuple[np.n
 
 # --------------------------------------------------------------------------- keys and cache
 
-def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> str:
+def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect", fingerprint: str | None = None) -> str:
     """The cache key of ``prepare(dataset, size=size, resize=resize)``.
 
     Channels are not a separate part: they are a function of the image files, which the
@@ -147,7 +147,8 @@ def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> s
     header just to look the cache up would cost more than the lookup on a large dataset.
     """
     RESIZES.get(resize)
-    return content_key("prepared", dataset.fingerprint(), int(size), resize, DECODER_VERSION)
+    fp = dataset.fingerprint() if fingerprint is None else fingerprint
+    return content_key("prepared", fp, int(size), resize, DECODER_VERSION)
 
 
 def prepare_dir_for(key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -212,7 +213,8 @@ def prepare(
     if n == 0:
         raise ValueError(f"dataset {dataset.info.name!r} has no records to prepare")
     workers = default_workers() if workers is None else max(0, int(workers))
-    key = prepared_key(dataset, size, resize)
+    fingerprint = dataset.fingerprint()  # stats every file: once per call
+    key = prepared_key(dataset, size, resize, fingerprint)
     out = prepare_dir_for(key, cache_dir)
     meta_path = out / "meta.json"
     if meta_path.is_file():
@@ -266,7 +268,7 @@ def prepare(
     bad = [int(i) for i in np.flatnonzero(state == STATE_BAD)]
     meta = {
         "dataset": dataset.info.name,
-        "fingerprint": dataset.fingerprint(),
+        "fingerprint": fingerprint,
         "n": n, "size": size, "resize": resize, "channels": channels,
         "decoder_version": DECODER_VERSION,
         "class_names": list(dataset.info.class_names),
