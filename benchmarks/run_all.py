@@ -113,7 +113,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="script names to run (default: all)")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    ap.add_argument("--timeout", type=float, default=540.0, help="seconds per script")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per script")
     args = ap.parse_args()
     import torch
 
