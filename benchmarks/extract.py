@@ -15,7 +15,6 @@ ratio = baseline seconds / our seconds once prepared (worst of the datasets).
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
