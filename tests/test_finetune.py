@@ -167,6 +167,14 @@ def test_greyscale_and_carved_validation(model) -> None:
     assert res.details["splits"]["val_source"] == "carved"
 
 
+def test_bad_images_are_left_out(model) -> None:
+    prep = tiny_prepared()
+    prep.bad = [0, 1, 40]  # rows prepare could not decode (zeros)
+    res = medxfer.finetune(model, prep, seed=0, device="cpu", **{**FAST, "max_steps": 4})
+    assert res.details["splits"]["n_train"] == 28 and res.details["splits"]["n_val"] == 14
+    assert res.details["splits"]["n_test"] == 15 and res.details["skipped_bad_images"] == 3
+
+
 def test_clear_errors(model) -> None:
     prep = tiny_prepared(splits=("train", "val"))
     with pytest.raises(ValueError, match="no 'test' split"):

@@ -366,6 +366,12 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
     val_seed = seed if p["val_seed"] is None else int(p["val_seed"])
     sp = many_shot_splits(prepared.splits, labels, val_fraction=p["val_fraction"], val_seed=val_seed,
                           stratified=p["val_stratified"], what=what)
+    if prepared.bad:  # undecodable images (prepared with skip_bad) are zeros: leave them out
+        bad = np.asarray(prepared.bad, dtype=np.int64)
+        sp = SplitIndices(np.setdiff1d(sp.train, bad), np.setdiff1d(sp.val, bad), np.setdiff1d(sp.test, bad),
+                          sp.val_source)
+        if not (sp.train.size and sp.val.size and sp.test.size):
+            raise ValueError(f"{what}: no usable images left in a split after skipping {bad.size} bad images")
     headline = p["headline_metric"] or prepared.meta.get("headline_metric", "accuracy")
     wd_root = Path(workdir) if workdir is not None else None
     trials = search_trials(p["search"], p["lr"], p["weight_decay"], seed)
@@ -411,6 +417,7 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
         "chosen_trial": chosen,
         "search": p["search"] if p["search"] else False,
         "splits": sp.as_dict(),
+        "skipped_bad_images": len(prepared.bad),
         "val_seed": val_seed,
         "device": str(dev),
         "amp": bool(p["amp"] if p["amp"] is not None else dev.type == "cuda"),
