@@ -1,9 +1,10 @@
 """Extract stage: a frozen backbone turns prepared uint8 crops into pooled features.
 
 Batches are read from the prepared memmap by a background thread (pinned memory and
-non-blocking copies on CUDA) while the device computes; images are normalised on the device,
-fed channels-last under ``inference_mode``, optionally with bf16/fp16 autocast and
-``torch.compile``. Features are written by record index into a preallocated float32 memmap
+non-blocking copies on CUDA) while the device computes; images are normalised on the device and
+fed channels-last under ``inference_mode`` to a BatchNorm-folded copy of the trunk (exact in
+eval mode), optionally in bf16 (a bf16 weight copy on CPU, autocast on CUDA) or fp16 (CUDA
+autocast), and optionally through ``torch.compile``. Features are written by record index into a preallocated float32 memmap
 under ``<cache>/features/<key>/`` with a done-mask flushed every few batches, so a killed run
 resumes; the finished array is checked complete and finite before ``meta.json`` marks it done.
 """
