@@ -39,7 +39,7 @@ def make_problem(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     x += rng.standard_normal((n, d)).astype(np.float32) + 0.5
     x *= 0.05
     np.maximum(x, 0.0, out=x)
-    return x, y
+    return x.astype(np.float32, copy=False), y  # cached features are float32
 
 
 def sklearn_best_practice(x_fit, y_fit, x_val, y_val, x_all, y_all, x_test, lambdas, tol):

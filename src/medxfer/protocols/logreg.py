@@ -188,8 +188,8 @@ def _waves(lambdas: np.ndarray, stride: int) -> list[tuple[np.ndarray, np.ndarra
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-model inner products, accumulated in float64."""
-    return (a * b).sum((1, 2), dtype=torch.float64)
+    """Per-model inner products (as float64 scalars)."""
+    return torch.einsum("aij,aij->a", a, b).double()
 
 
 def fit_path(
@@ -250,9 +250,11 @@ def fit_path(
     g = torch.zeros(shape, dtype=dtype, device=dev)
     gw = torch.zeros_like(g)
     gmax = torch.full((m,), float("inf"), dtype=dtype, device=dev)
-    s_hist = torch.zeros((history,) + shape, dtype=dtype, device=dev)
+    # L-BFGS memory, model-major so one gather per iteration fetches every active model's pairs
+    s_hist = torch.zeros((m, history) + shape[1:], dtype=dtype, device=dev)
     y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros((history, m), dtype=torch.float64, device=dev)
+    rho = torch.zeros((m, history), dtype=torch.float64, device=dev)
+    ages = torch.arange(history, device=dev)
     n_mem = torch.zeros(m, dtype=torch.long, device=dev)  # valid pairs per model
     head = torch.zeros(m, dtype=torch.long, device=dev)  # next slot to write, per model
     n_iter = torch.zeros(m, dtype=torch.long, device=dev)
@@ -291,26 +293,25 @@ def fit_path(
             idx = torch.nonzero(active).flatten()
             a = idx.numel()
             q = g[idx].clone()
-            # two-loop recursion, newest to oldest; pair slots are per model (ring buffers)
+            # two-loop recursion over each model's ring buffer, newest pair first
+            order = (head[idx, None] - 1 - ages[None, :]) % history  # a x h
+            valid = ages[None, :] < n_mem[idx, None]
+            sh = torch.take_along_dim(s_hist[idx], order[:, :, None, None], dim=1)
+            yh = torch.take_along_dim(y_hist[idx], order[:, :, None, None], dim=1)
+            rh = rho[idx].gather(1, order) * valid
             alphas = []
             for j in range(history):
-                slot = (head[idx] - 1 - j) % history
-                valid = (j < n_mem[idx])
-                sj = s_hist[slot, idx]
-                yj = y_hist[slot, idx]
-                rj = rho[slot, idx] * valid
-                al = rj * _dot(sj, q)
-                q = q - al.to(dtype)[:, None, None] * yj
-                alphas.append((al, slot, rj))
+                al = rh[:, j] * _dot(sh[:, j], q)
+                q = q - al.to(dtype)[:, None, None] * yh[:, j]
+                alphas.append(al)
             # initial Hessian scale from the newest pair (identity before any pair)
-            newest = (head[idx] - 1) % history
-            sy = _dot(s_hist[newest, idx], y_hist[newest, idx])
-            yy = _dot(y_hist[newest, idx], y_hist[newest, idx])
+            sy = _dot(sh[:, 0], yh[:, 0])
+            yy = _dot(yh[:, 0], yh[:, 0])
             gamma = torch.where(n_mem[idx] > 0, sy / yy.clamp_min(1e-300), torch.ones_like(sy))
             q = q * gamma.to(dtype)[:, None, None]
-            for al, slot, rj in reversed(alphas):
-                be = rj * _dot(y_hist[slot, idx], q)
-                q = q + (al - be).to(dtype)[:, None, None] * s_hist[slot, idx]
+            for j in reversed(range(history)):
+                be = rh[:, j] * _dot(yh[:, j], q)
+                q = q + (alphas[j] - be).to(dtype)[:, None, None] * sh[:, j]
             p = -q
             gp = _dot(g[idx], p)
             bad = gp >= 0  # not a descent direction: fall back to steepest descent
@@ -350,9 +351,9 @@ def fit_path(
                 good = sy_new > 1e-10 * _dot(s_vec, s_vec).sqrt() * _dot(y_vec, y_vec).sqrt()
                 slot = head[acc_idx]
                 gi = acc_idx[good]
-                s_hist[slot[good], gi] = s_vec[good]
-                y_hist[slot[good], gi] = y_vec[good]
-                rho[slot[good], gi] = 1.0 / sy_new[good]
+                s_hist[gi, slot[good]] = s_vec[good]
+                y_hist[gi, slot[good]] = y_vec[good]
+                rho[gi, slot[good]] = 1.0 / sy_new[good]
                 head[gi] = (head[gi] + 1) % history
                 n_mem[gi] = (n_mem[gi] + 1).clamp(max=history)
                 u[acc_idx] = u0[accepted] + s_vec
