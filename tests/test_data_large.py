@@ -112,7 +112,7 @@ def test_chexpert_bad_rows(synth, tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         load_dataset("chexpert", root)
     msg = str(err.value)
-    assert f"train.csv:4: unknown Pleural Effusion value 'maybe'" in msg
+    assert "train.csv:4: unknown Pleural Effusion value 'maybe'" in msg
     assert "train.csv:5: image file not found" in msg
     assert "train.csv:6: path" in msg and "escapes the dataset folder" in msg
     ds = load_dataset("chexpert", root, skip_bad=True)
