@@ -27,8 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medxfer.cache import content_key, resolve_cache_dir, save_npy_atomic, write_json_atomic
+from medxfer.cache import (
+    content_key,
+    resolve_cache_dir,
+    save_npy_atomic,
+    write_json_atomic,
+)
 from medxfer.data.records import Dataset
+from medxfer.devices import resolve_device
 from medxfer.features import FeatureSet
 from medxfer.models.backbone import Backbone, assert_eval
 from medxfer.prepare import PreparedImages, prepare
@@ -45,10 +51,6 @@ AUTOCAST_TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2}
 
 class FeatureError(RuntimeError):
     """Extraction produced unusable features (NaN/inf); the message names the model and record."""
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_batch_size(device: str) -> int:
@@ -109,13 +111,13 @@ def extract_features(
     are listed in ``meta["bad"]``; callers leave them out (``FeatureSet.subset``).
     """
     assert_eval(model)
-    autocast_context(device or default_device(), precision)  # validate before any work
+    autocast_context(resolve_device(device), precision)  # validate before any work
     prepared = data if isinstance(data, PreparedImages) else prepare(
         data, size=size, resize=resize, cache_dir=cache_dir, progress=progress)
     key = features_key(model, prepared.key, precision)
     out = resolve_cache_dir(cache_dir) / "features" / key
     if not (out / "meta.json").is_file():
-        _extract_to_cache(model, prepared, out, batch_size=batch_size, device=device or default_device(),
+        _extract_to_cache(model, prepared, out, batch_size=batch_size, device=resolve_device(device),
                           precision=precision, num_workers=num_workers, compile=compile, fuse=fuse,
                           progress=progress)
     return _load(model, prepared, out, key)

@@ -13,25 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medxfer.cache import content_key, resolve_cache_dir, write_text_atomic
 from medxfer.config import DatasetArg, RunSpec
 from medxfer.data import Dataset, load_dataset
+from medxfer.devices import resolve_device
 from medxfer.features import FeatureSet
 from medxfer.models import MODELS, Backbone, is_cached, load_model, resolve_model_arg
 from medxfer.prepare import PreparedImages
 from medxfer.protocols import PROTOCOLS, Protocol
-from medxfer.results import Cell, build_result, load_results, read_result, result_path, write_result
+from medxfer.results import (
+    Cell,
+    build_result,
+    load_results,
+    read_result,
+    result_path,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``"cuda"`` when available, else ``"cpu"``."""
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -47,12 +47,13 @@ class RunOutcome:
 
 
 def run_key(cell: Cell, protocol: Protocol, params: dict[str, Any], model: Backbone, dataset: Dataset,
-            spec: RunSpec) -> str:
-    """Hash of everything that determines a cell's numbers."""
+            spec: RunSpec, fingerprint: str) -> str:
+    """Hash of everything that determines a cell's numbers (``fingerprint``: the dataset's,
+    computed once per run since it stats every file)."""
     return content_key(
         "cell", protocol.name, protocol.version, params, cell.seed,
         model.name, model.weights, model.weights_hash,
-        dataset.info.name, dataset.fingerprint(), dataset.options,
+        dataset.info.name, fingerprint, dataset.options,
         spec.image_size, spec.resize, spec.precision, spec.compat,
     )
 
@@ -82,13 +83,13 @@ def _model_info(model: Backbone) -> dict[str, Any]:
             "normalization": s.normalization, "feature_dim": s.feature_dim, "licence": s.licence}
 
 
-def _dataset_info(arg: DatasetArg, ds: Dataset, prepared: PreparedImages | None) -> dict[str, Any]:
+def _dataset_info(arg: DatasetArg, ds: Dataset, prepared: PreparedImages | None, fingerprint: str) -> dict[str, Any]:
     problems = list(ds.problems)
     if prepared is not None:
         problems += list(prepared.meta.get("problems", []))
     return {"label": arg.label, "kind": arg.kind, "root": str(arg.root), "name": ds.info.name,
             "images": len(ds), "class_names": list(ds.info.class_names), "options": ds.options,
-            "fingerprint": ds.fingerprint(), "counts": ds.counts(), "problems": problems,
+            "fingerprint": fingerprint, "counts": ds.counts(), "problems": problems,
             "headline_metric": ds.info.headline_metric}
 
 
@@ -107,6 +108,7 @@ def run(spec: RunSpec, progress: bool = True) -> RunOutcome:
     model_names = [resolve_model_arg(m) for m in spec.models]  # unknown names fail before any work
     datasets = load_datasets(spec)
     args = {a.label: a for a in spec.datasets}
+    fingerprints = {label: ds.fingerprint() for label, ds in datasets.items()}
     outcome = RunOutcome(out=out)
     prepared_cache: dict[str, PreparedImages] = {}
 
@@ -128,7 +130,7 @@ def run(spec: RunSpec, progress: bool = True) -> RunOutcome:
                 params = protocol.resolve_params(spec.protocol_params.get(protocol.name), spec.compat, ds.info)
                 for seed in spec.seeds:
                     cell = Cell(model.name, label, protocol.name, seed)
-                    key = run_key(cell, protocol, params, model, ds, spec)
+                    key = run_key(cell, protocol, params, model, ds, spec, fingerprints[label])
                     existing = read_result(result_path(results_dir, cell))
                     if existing is not None and existing.get("run_key") == key:
                         log.info("reusing %s (run key %s)", cell.filename, key)
@@ -163,7 +165,7 @@ def run(spec: RunSpec, progress: bool = True) -> RunOutcome:
                         artifacts["features_key"] = features.key
                     result = build_result(
                         cell, key, evaluation, spec=spec.to_dict(), model_info=_model_info(model),
-                        dataset_info=_dataset_info(args[label], ds, prepared), timings=timings,
+                        dataset_info=_dataset_info(args[label], ds, prepared, fingerprints[label]), timings=timings,
                         device=device, artifacts=artifacts,
                     )
                     write_result(results_dir, cell, result)

@@ -18,10 +18,23 @@ import torch
 from medxfer.cache import resolve_cache_dir
 from medxfer.config import RunSpec
 from medxfer.data.records import Dataset
-from medxfer.extract import autocast_context, default_batch_size, features_dir, runtime_trunk
+from medxfer.devices import resolve_device
+from medxfer.extract import (
+    autocast_context,
+    default_batch_size,
+    features_dir,
+    runtime_trunk,
+)
 from medxfer.models import MODELS, WeightsUnavailableError, load_model
 from medxfer.models.backbone import Backbone
-from medxfer.prepare import STATE_TODO, decode_record, default_workers, prepare_dir_for, prepared_key
+from medxfer.pipeline import weights_choice
+from medxfer.prepare import (
+    STATE_TODO,
+    decode_record,
+    default_workers,
+    prepare_dir_for,
+    prepared_key,
+)
 from medxfer.protocols.base import PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -54,7 +67,7 @@ class ModelPlan:
 
 def describe_plan(spec: RunSpec, *, probe: bool = True) -> str:
     """The grid, the images to prepare and features to extract, what is cached, an estimate."""
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(spec.device)
     cache = resolve_cache_dir(spec.cache_dir)
     workers = spec.workers if spec.workers else default_workers()
     protocols = [PROTOCOLS.get(p) for p in spec.protocols]
@@ -167,11 +180,7 @@ def _plan_model(name: str, spec: RunSpec, cache: Path) -> ModelPlan:
     except KeyError as exc:
         return ModelPlan(name, "", error=str(exc))
     plan = ModelPlan(mspec.name, mspec.arch)
-    weights = spec.weights
-    if weights == "auto":
-        from medxfer.models import is_cached
-
-        weights = "pretrained" if is_cached(mspec, cache) else "random"
+    weights = weights_choice(mspec.name, spec.weights, cache)
     try:
         plan.model = load_model(name, weights=weights, cache_dir=cache)
         plan.weights = plan.model.weights

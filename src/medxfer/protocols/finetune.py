@@ -29,6 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from medxfer.cache import atomic_path, content_key
+from medxfer.devices import resolve_device
 from medxfer.models.backbone import Backbone
 from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
@@ -355,7 +356,7 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
     p = {**DEFAULTS, **params}
     if p["val_every"] <= 0 or p["max_steps"] <= 0 or p["batch_size"] <= 0 or p["patience"] <= 0:
         raise ValueError("finetune: max_steps, batch_size, val_every and patience must be positive")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(resolve_device(device))
     what = f"prepared images {prepared.dataset or prepared.key}"
     if prepared.array.ndim != 4 or prepared.array.dtype != np.uint8 or prepared.array.shape[-1] not in (1, 3):
         raise ValueError(f"{what}: expected N x S x S x (1|3) uint8 images, got {prepared.array.shape} {prepared.array.dtype}")

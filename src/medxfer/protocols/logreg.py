@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medxfer.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -68,10 +70,6 @@ class PathFit:
         z -= z.max(axis=2, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=2, keepdims=True)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _Problem:
@@ -226,7 +224,7 @@ def fit_path(
     and variances from an earlier fit, :attr:`PathFit.basis`) skips the eigendecomposition;
     ``precond_rows`` caps the rows used to estimate the covariance (preconditioner only).
     """
-    dev = torch.device(device) if device is not None else default_device()
+    dev = torch.device(resolve_device(device))
     yv = np.asarray(y, dtype=np.int64)
     k = int(num_classes if num_classes is not None else yv.max() + 1)
     if k < 2:
