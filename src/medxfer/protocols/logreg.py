@@ -138,7 +138,9 @@ class _Problem:
         pen = 0.5 * lam.double() * (wz.double() ** 2).sum((1, 2))
         gl = ((logp.exp() - self.onehot[:, None, :]) / self.n).to(u.dtype)  # N x m x K
         gb = gl.sum(0)  # m x K
-        g_data = self.a.T @ gl.reshape(self.n, m * k)  # gradient w.r.t. w_data (uncentred)
+        # gradient w.r.t. w_data (uncentred), computed as (G' A)': BLAS reads A row-major; the
+        # A' G orientation is ~4x slower for narrow G on CPU
+        g_data = (gl.reshape(self.n, m * k).T @ self.a).T
         if self.rotated:
             gwz_flat = g_data
             g_orig = self.v @ g_data  # z is centred: the original-space data gradient
