@@ -8,7 +8,8 @@ classes overlap, so the validation curve has an interior optimum.
 Baseline: ``LogisticRegression(solver="lbfgs", tol=1e-4, max_iter=10000, warm_start=True)``
 swept from strong to weak regularisation (each fit continues from the previous one), C
 chosen on validation accuracy, refit on train+val warm-started from that C's path solution.
-Ours: ``medxfer.evaluate("linear", features)`` (whole path at once, torch, GPU when present).
+Ours: ``medxfer.evaluate("linear", features)`` (whole path at once, torch, GPU when present;
+bf16 products where they are fast, every fit finished and checked with float32 products).
 
 Prints both timings, chosen C, test accuracies, checks (same C or one grid step away with an
 equal validation score; test accuracy within 0.2 points) and finally ``ratio=<sklearn/ours>``.
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medxfer: {t_ours:.2f} s (path {d['timing_s']['path']:.2f} s, refit {d['timing_s']['refit']:.2f} s), "
           f"C={res.metrics['C']:.6g} (index {i_ours}), test accuracy {res.metrics['accuracy']:.2f}%, "
           f"iterations max {max(d['iterations'])} / total {sum(d['iterations'])}, "
-          f"non-converged {len(d['non_converged'])}")
+          f"non-converged {len(d['non_converged'])}, products {d['solver_info']['matmul']}")
 
     t0 = time.perf_counter()
     i_skl, curve_skl, pred_skl, iters_skl, nc_skl = sklearn_best_practice(

@@ -32,7 +32,7 @@ from medxfer.registry import Registry
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"  # 2: exact line search on kept logits, bf16 products verified exactly
 
 
 def lambda_grid(lo: float = -6.0, hi: float = 5.0, size: int = 45) -> np.ndarray:
@@ -63,7 +63,7 @@ def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
         raise ValueError(f"linear: dtype must be one of {', '.join(dtypes)}, got {params['dtype']!r}")
     dtype = dtypes[params["dtype"]]
     opts = dict(num_classes=k, tol=params["tol"], max_iter=params["max_iter"], history=params["history"],
-                device=params["device"], dtype=dtype, progress=params["progress"])
+                device=params["device"], dtype=dtype, matmul=params["matmul"], progress=params["progress"])
     path = fit_path(x_fit, y_fit, lambdas, **opts)
     val_proba = path.predict_proba(x_val)
 
@@ -74,8 +74,8 @@ def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
                        init=(path.coef[i : i + 1], path.intercept[i : i + 1]), **opts)
         return one.predict_proba(x_test)[0], int(one.n_iter[0]), bool(one.converged[0])
 
-    info = {"device": path.device, "dtype": params["dtype"], "grad_max": path.grad_max.tolist(),
-            "stopping": "max |gradient| over coefficients and intercepts <= tol, or max_iter"}
+    info = {"device": path.device, "dtype": params["dtype"], "matmul": path.matmul, "grad_max": path.grad_max.tolist(),
+            "stopping": "max |gradient| over coefficients and intercepts <= tol (exact products), or max_iter"}
     return GridFit(val_proba, path.n_iter.tolist(), path.converged.tolist(), refit, info)
 
 
@@ -231,6 +231,7 @@ DEFAULTS: dict[str, Any] = {
     "warm_start_order": "none",  # sklearn-lbfgs only: none | weak_to_strong | strong_to_weak
     "device": None,  # None: cuda when available
     "dtype": "float32",
+    "matmul": "auto",  # medxfer solver: auto | bf16 (verified exactly) | exact
     "progress": False,
 }
 

@@ -16,15 +16,24 @@ How it is fast:
   ``1/2 (I - 11'/K) (x) Cov + lam/N I``, is diagonal, so every model is optimised in
   variables scaled by ``(s_j / 2 + lam / N) ** -1/2``: strongly regularised fits converge in a
   few steps, weakly regularised ones in tens to about a hundred.
-* **Many models in one pass.** Every L-BFGS iteration evaluates all still-active models with
-  one ``N x D`` by ``D x (M K)`` product and its transpose (float32, softmax in float64);
-  converged models leave the batch.
+* **Two passes over X per iteration, for all models at once.** The logits of every model are
+  kept (float64) and moved along the search direction: one product ``X P`` gives the
+  direction's logits ``D``, the line search along ``L + t D`` is exact and needs no further
+  pass, and one product ``R' X`` gives the gradient. Every product serves all still-active
+  models (``N x D`` by ``D x (M K)``); converged models leave the batch.
+* **bf16 products, verified in float32.** Where bf16 matrix products are fast (AVX512-BF16 /
+  AMX CPUs, CUDA), the two products use a bf16 copy of the centred features with float32
+  accumulation. Rounding X to bf16 changes the gradient by about 1e-6, far below the
+  tolerance, and the logits' drift is checked: a fit that reaches the tolerance in bf16 is
+  re-evaluated with exact float32 logits and gradient, and it is only converged if that
+  exact gradient meets the tolerance (otherwise it continues in float32).
 * **Warm starts.** The path runs in waves: every 5th value of the grid from zero, then the
   values in between, each started from its solved, more strongly regularised neighbour.
 
 Convergence: a model is converged when the largest absolute gradient entry of ``f`` with
-respect to the original coefficients and intercepts is ``<= tol`` (scikit-learn's lbfgs
-``gtol`` statistic). Non-converged fits are reported, never hidden.
+respect to the original coefficients and intercepts, computed in the working precision, is
+``<= tol`` (scikit-learn's lbfgs ``gtol`` statistic). Non-converged fits are reported, never
+hidden.
 """
 from __future__ import annotations
 
@@ -34,9 +43,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medxfer.devices import resolve_device
+from medxfer.devices import fast_bf16_matmul, resolve_device
 
 log = logging.getLogger(__name__)
+
+MATMUL_MODES = ("auto", "bf16", "exact")
+# below this many feature entries (N * D) the bf16 copy and the verification passes cost more
+# than the faster products save
+AUTO_BF16_MIN_ENTRIES = 1 << 22
+# line search: sufficient decrease and (weak Wolfe) curvature constants, trials per iteration
+ARMIJO_C1, WOLFE_C2, LINE_SEARCH_TRIALS = 1e-4, 0.9, 20
 
 
 @dataclass
@@ -44,7 +60,9 @@ class PathFit:
     """One fitted model per ``lambdas`` entry, in the original feature space.
 
     ``coef`` M x D x K, ``intercept`` M x K (float64 numpy), ``n_iter``/``converged``/
-    ``grad_max`` per model (``grad_max`` = the final convergence statistic).
+    ``grad_max`` per model (``grad_max`` = the final convergence statistic, in the working
+    precision). ``matmul``: ``"bf16"`` when most iterations used bf16 products (every fit then
+    ended with exact ones), else ``"exact"``.
     """
 
     lambdas: np.ndarray
@@ -55,6 +73,7 @@ class PathFit:
     grad_max: np.ndarray
     tol: float
     device: str
+    matmul: str = "exact"
     basis: tuple[torch.Tensor, torch.Tensor] | None = None  # full rotation V + variances (None when N < D)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -72,19 +91,33 @@ class PathFit:
         return e / e.sum(axis=2, keepdims=True)
 
 
+def _groups(low: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """Model positions split by product precision: ``[(positions, use_bf16), ...]``, non-empty."""
+    out = []
+    for flag in (True, False):
+        pos = torch.nonzero(low == flag).flatten()
+        if pos.numel():
+            out.append((pos, flag))
+    return out
+
+
 class _Problem:
-    """The centred data in an eigenbasis of its covariance and the batched objective.
+    """The centred data in an eigenbasis of its covariance, and the products with it.
 
     Two layouts, the same maths: with N < D the data are rotated once into the r <= N
     dimensional span of the rows (``a = Z``, cheap); otherwise the data stay in their original
-    basis (``a = X``) and the weights are rotated each step (``W = V Wz``), which avoids an
-    N x D x D product per fit.
+    basis (``a = X``) and the weights are rotated (``W = V Wz``), which avoids an N x D x D
+    product per fit. ``a_low``: a bf16 copy of the *centred* data (or None).
+
+    Layouts: weights in the layout of ``a`` ("rows") are m x K x R (R = D, or r when rotated);
+    logits and residuals are m x N x K (float64), so every model's block is contiguous.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, k: int, lambdas: torch.Tensor, rank_rtol: float,
-                 basis: tuple[torch.Tensor, torch.Tensor] | None = None, precond_rows: int = 65536) -> None:
+                 basis: tuple[torch.Tensor, torch.Tensor] | None, precond_rows: int,
+                 low_dtype: torch.dtype | None) -> None:
         n, d = x.shape
-        self.n, self.d, self.k = n, d, k
+        self.n, self.d, self.k, self.dtype = n, d, k, x.dtype
         self.mu = x.mean(0)
         if basis is not None:  # a full orthonormal basis (+ variances) from an earlier fit: exact
             v, var = basis
@@ -109,52 +142,88 @@ class _Problem:
         self.r = self.v.shape[1]
         self.a = (x - self.mu) @ self.v if self.rotated else x
         self.a_mu = None if self.rotated else self.mu
-        self.y = y
-        self.onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)
+        self.a_low = None
+        if low_dtype is not None:
+            self.a_low = (self.a if self.rotated else x - self.mu).to(low_dtype)
+        self.onehot = torch.nn.functional.one_hot(y, k).to(torch.float64)  # N x K
         self.lam_n = (lambdas / n).to(x.dtype)  # penalty per model, M
         # preconditioner: scale of each variable, M x (r + 1) x 1 (last row = intercept)
         scale_w = (0.5 * self.var[None, :] + self.lam_n[:, None]).rsqrt()
         scale_b = torch.full((len(lambdas), 1), 2.0 ** 0.5, dtype=x.dtype, device=x.device)
         self.scale = torch.cat([scale_w, scale_b], dim=1).unsqueeze(-1)
 
-    def value_grad(self, u: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Objective (float64), gradient in scaled variables, gradient in (Wz, b) and the
-        convergence statistic max |gradient| w.r.t. the original coefficients and intercepts."""
-        m = u.shape[0]
-        k = self.k
-        w = u * self.scale[idx]  # m x (r+1) x K
-        wz = w[:, : self.r, :]
-        b = w[:, self.r, :]
-        wz_flat = wz.permute(1, 0, 2).reshape(self.r, m * k)
-        w_data = wz_flat if self.rotated else self.v @ wz_flat  # weights in the layout of `a`
-        logits = (self.a @ w_data).view(self.n, m, k) + b
-        if self.a_mu is not None:  # centring, applied to the weights instead of the data
-            logits = logits - (self.a_mu @ w_data).view(1, m, k)
-        # the softmax in float64 (N x m x K values, cheap next to the products): with strong
-        # regularisation f barely moves away from log K and float32 would hide its decrease
-        logp = torch.log_softmax(logits.double(), dim=2)
-        nll = -(logp * self.onehot[:, None, :]).sum((0, 2)) / self.n  # m
+    def to_rows(self, wz: torch.Tensor) -> torch.Tensor:
+        """Eigenbasis weights (m x r x K) -> weights in the layout of ``a`` (m x K x R)."""
+        m = wz.shape[0]
+        flat = wz.transpose(1, 2).reshape(m * self.k, self.r)
+        return (flat if self.rotated else flat @ self.v.T).view(m, self.k, -1)
+
+    def coef(self, rows: torch.Tensor) -> torch.Tensor:
+        """Original-space coefficients (m x K x D) from weights in the layout of ``a``."""
+        if not self.rotated:
+            return rows
+        m = rows.shape[0]
+        return (rows.reshape(m * self.k, self.r) @ self.v.T).view(m, self.k, self.d)
+
+    def logits(self, rows: torch.Tensor, b: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """Logits of the centred data (float64, m x N x K) for weights ``rows`` (m x K x R) and
+        intercepts ``b`` (m x K); models with ``low`` set use the bf16 copy."""
+        m, k, _ = rows.shape
+        out = torch.empty((m, self.n, k), dtype=torch.float64, device=b.device)
+        for pos, use_low in _groups(low):
+            cols = rows[pos].reshape(pos.numel() * k, -1)
+            if use_low:
+                z = self.a_low @ cols.to(self.a_low.dtype).T
+            else:
+                z = self.a @ cols.T
+                if self.a_mu is not None:  # centring, applied to the weights instead of the data
+                    z = z - (cols @ self.a_mu)[None, :]
+            z = z.view(self.n, pos.numel(), k).transpose(0, 1)
+            if pos.numel() == m:
+                out.copy_(z)  # converts and transposes in one pass
+            else:
+                out[pos] = z.double()
+        return out.add_(b.double()[:, None, :])
+
+    def data_gradient(self, res: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """``res' A_c`` per model (m x K x R, working dtype) for residuals ``res`` (m x N x K,
+        float64). The product reads ``A`` row-major (the ``A' res`` orientation is several
+        times slower for narrow ``res`` on CPU)."""
+        m, _, k = res.shape
+        out = torch.empty((m, k, self.a.shape[1]), dtype=self.dtype, device=res.device)
+        for pos, use_low in _groups(low):
+            target = self.a_low.dtype if use_low else self.dtype
+            rs = res[pos].transpose(1, 2).to(target).reshape(pos.numel() * k, self.n)
+            if use_low:
+                g = rs @ self.a_low
+            else:
+                g = rs @ self.a
+                if self.a_mu is not None:
+                    g = g - rs.sum(1)[:, None] * self.a_mu[None, :]
+            out[pos] = g.view(pos.numel(), k, -1).to(self.dtype)
+        return out
+
+    def residuals(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy per model and residuals ``(softmax - onehot) / N`` (float64)."""
+        logp = torch.log_softmax(logits, dim=2)
+        nll = -(logp * self.onehot).sum((1, 2)) / self.n
+        return nll, (logp.exp_() - self.onehot) / self.n
+
+    def gradients(self, res: torch.Tensor, wz: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+                  low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient in (Wz, b) (m x (r+1) x K) and the convergence statistic: max |gradient|
+        w.r.t. the original coefficients (``X' res + lam/N W``) and intercepts."""
+        m, _, k = res.shape
+        gb = res.sum(1).to(self.dtype)  # m x K
+        gdc = self.data_gradient(res, low)  # m x K x R
+        flat = gdc.reshape(m * k, -1)
         lam = self.lam_n[idx]
-        pen = 0.5 * lam.double() * (wz.double() ** 2).sum((1, 2))
-        gl = ((logp.exp() - self.onehot[:, None, :]) / self.n).to(u.dtype)  # N x m x K
-        gb = gl.sum(0)  # m x K
-        # gradient w.r.t. w_data (uncentred), computed as (G' A)': BLAS reads A row-major; the
-        # A' G orientation is ~4x slower for narrow G on CPU
-        g_data = (gl.reshape(self.n, m * k).T @ self.a).T
-        if self.rotated:
-            gwz_flat = g_data
-            g_orig = self.v @ g_data  # z is centred: the original-space data gradient
-        else:
-            g_orig = g_data
-            gwz_flat = self.v.T @ (g_data - self.a_mu[:, None] * gb.reshape(1, m * k))
-        gwz = gwz_flat.view(self.r, m, k).permute(1, 0, 2) + lam[:, None, None] * wz
-        gw = torch.cat([gwz, gb[:, None, :]], dim=1)
-        # original coefficients w = V wz, intercept b0 = b - mu' w: d f/d w = X' gl + lam/N w
-        coef = (self.v @ wz_flat if self.rotated else w_data).view(self.d, m, k)
-        g_coef = (g_orig + (self.mu[:, None] * gb.reshape(1, m * k) if self.rotated else 0)).view(self.d, m, k)
-        g_coef = g_coef + lam[None, :, None] * coef
-        gmax = torch.maximum(g_coef.abs().amax((0, 2)), gb.abs().amax(1))
-        return nll + pen, gw * self.scale[idx], gw, gmax
+        gwz = (flat if self.rotated else flat @ self.v).view(m, k, self.r).transpose(1, 2)
+        gwz = gwz + lam[:, None, None] * wz
+        g_orig = (flat @ self.v.T if self.rotated else flat).view(m, k, self.d)
+        g_coef = g_orig + gb[:, :, None] * self.mu[None, None, :] + lam[:, None, None] * self.coef(rows)
+        gmax = torch.maximum(g_coef.abs().amax((1, 2)), gb.abs().amax(1))
+        return torch.cat([gwz, gb[:, None, :]], dim=1), gmax
 
     def from_original(self, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
         """Scaled variables (M x (r+1) x K) of models given in the original space."""
@@ -192,6 +261,74 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("aij,aij->a", a, b).double()
 
 
+@dataclass
+class _Step:
+    """Outcome of one line search per model: ``ok`` where a point with sufficient decrease
+    was found, its step ``t``, objective change ``df`` and residuals there (a x N x K)."""
+
+    ok: torch.Tensor
+    t: torch.Tensor
+    df: torch.Tensor
+    res: torch.Tensor
+
+
+def _line_search(logits: torch.Tensor, d: torch.Tensor, onehot: torch.Tensor, slope: torch.Tensor,
+                 pen_lin: torch.Tensor, pen_quad: torch.Tensor) -> _Step:
+    """Weak-Wolfe line search along ``logits + t d`` (m x N x K) for every model at once, with
+    no pass over X.
+
+    ``phi(t) - phi(0) = mean_i[lse(L_i + t d_i) - lse(L_i) - t d_i,y_i] + t pen_lin + t^2/2 pen_quad``
+    is convex in t and is computed as a difference (float64), so decreases far below the
+    objective's own size are resolved. ``slope`` = phi'(0) (< 0). Steps start at 1 (the
+    majorise-minimise step in the preconditioned variables); the bracket shrinks by secant
+    steps on phi' (safeguarded), or grows 4x while the curvature condition fails.
+    """
+    a, n, _ = d.shape
+    dev = d.device
+    lse0 = torch.logsumexp(logits, dim=2)
+    dy = (d * onehot).sum((1, 2)) / n
+    t = torch.ones(a, dtype=torch.float64, device=dev)
+    lo, dlo = torch.zeros_like(t), slope.clone()
+    hi, dhi = torch.full_like(t, float("inf")), torch.zeros_like(t)
+    found = torch.zeros(a, dtype=torch.bool, device=dev)
+    t_ok, df_ok = torch.zeros_like(t), torch.zeros_like(t)
+    res = torch.empty_like(d)
+    todo = torch.ones(a, dtype=torch.bool, device=dev)
+    everyone = torch.arange(a, device=dev)
+    for trial in range(LINE_SEARCH_TRIALS):
+        j = everyone if trial == 0 else torch.nonzero(todo).flatten()
+        if j.numel() == 0:
+            break
+        lj, dj = (logits, d) if trial == 0 else (logits[j], d[j])
+        tj = t[j]
+        lt = lj + tj[:, None, None] * dj
+        lse = torch.logsumexp(lt, dim=2)
+        p = torch.exp_(lt.sub_(lse[:, :, None]))
+        df = (lse - lse0[j]).mean(1) - tj * dy[j] + tj * pen_lin[j] + 0.5 * tj * tj * pen_quad[j]
+        dphi = (p * dj).sum((1, 2)) / n - dy[j] + pen_lin[j] + tj * pen_quad[j]
+        armijo = df <= ARMIJO_C1 * tj * slope[j]
+        curv = dphi >= WOLFE_C2 * slope[j]
+        ja = j[armijo]  # remember the latest point with sufficient decrease
+        found[ja], t_ok[ja], df_ok[ja] = True, tj[armijo], df[armijo]
+        res[ja] = (p[armijo] - onehot) / n
+        todo[j[armijo & curv]] = False
+        shrink, grow = ~armijo, armijo & ~curv
+        hi[j[shrink]], dhi[j[shrink]] = tj[shrink], dphi[shrink]
+        lo[j[grow]], dlo[j[grow]] = tj[grow], dphi[grow]
+        # next trial: the secant zero of phi' inside a finite bracket, else 4x further
+        frac = torch.where(dhi > dlo, dlo / (dlo - dhi), torch.full_like(dlo, 0.5)).clamp(0.1, 0.9)
+        t = torch.where(torch.isfinite(hi), lo + frac * (hi - lo), 4.0 * lo.clamp_min(t))
+    return _Step(found, t_ok, df_ok, res)
+
+
+def _use_bf16(matmul: str, dtype: torch.dtype, dev: torch.device, entries: int) -> bool:
+    if matmul not in MATMUL_MODES:
+        raise ValueError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {matmul!r}")
+    if matmul == "auto":
+        return dtype == torch.float32 and entries >= AUTO_BF16_MIN_ENTRIES and fast_bf16_matmul(dev)
+    return matmul == "bf16"
+
+
 def fit_path(
     x: np.ndarray,
     y: np.ndarray,
@@ -203,6 +340,7 @@ def fit_path(
     history: int = 10,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    matmul: str = "auto",
     rank_rtol: float = 1e-6,
     stall_patience: int = 10,
     basis: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -213,18 +351,23 @@ def fit_path(
 ) -> PathFit:
     """Fit one multinomial L2 logistic regression per ``lambdas`` entry (``C = 1 / lambda``).
 
-    Batched preconditioned L-BFGS with Armijo backtracking. The path is solved in
-    ``wave_stride`` waves: every ``wave_stride``-th model (strongest first) from zero, then the
-    models in between, each warm-started from its solved stronger neighbour; ``init``
-    (coefficients M x D x K, intercepts M x K) starts every model from given values instead
-    (e.g. the refit on train + validation from the path's solution). Every model
-    runs until its gradient statistic is ``<= tol`` or ``max_iter`` iterations; line-search
-    failures, or ``stall_patience`` steps in a row that neither lower the objective by a
-    relative 1e-10 (1e-15 in float64) nor reach a new smallest gradient (the precision is
-    exhausted), end that model's fit; it
-    is reported as converged only if its gradient meets ``tol``. ``basis`` (a full rotation
-    and variances from an earlier fit, :attr:`PathFit.basis`) skips the eigendecomposition;
-    ``precond_rows`` caps the rows used to estimate the covariance (preconditioner only).
+    Batched preconditioned L-BFGS with an exact weak-Wolfe line search on the kept logits.
+    The path is solved in ``wave_stride`` waves: every ``wave_stride``-th model (strongest
+    first) from zero, then the models in between, each warm-started from its solved stronger
+    neighbour; ``init`` (coefficients M x D x K, intercepts M x K) starts every model from
+    given values instead (e.g. the refit on train + validation from the path's solution).
+
+    ``matmul``: ``"exact"`` computes every product in ``dtype``; ``"bf16"`` computes them from
+    a bf16 copy of the features until a fit meets ``tol``, then re-evaluates that fit exactly
+    and continues exactly if needed; ``"auto"`` picks ``"bf16"`` for float32 problems of at
+    least 2**22 entries on devices with fast bf16 products. Every model runs until its exact
+    gradient statistic is ``<= tol`` or ``max_iter`` iterations; line-search failures, or
+    ``stall_patience`` steps in a row that neither lower the objective by a relative 1e-10
+    (1e-15 in float64) nor reach a new smallest gradient (the precision is exhausted), end
+    that model's fit; it is reported as converged only if its gradient meets ``tol``.
+    ``basis`` (a full rotation and variances from an earlier fit, :attr:`PathFit.basis`) skips
+    the eigendecomposition; ``precond_rows`` caps the rows used to estimate the covariance
+    (preconditioner only).
     """
     dev = torch.device(resolve_device(device))
     yv = np.asarray(y, dtype=np.int64)
@@ -234,6 +377,7 @@ def fit_path(
     xt = torch.as_tensor(np.asarray(x), dtype=dtype, device=dev)
     if not torch.isfinite(xt).all():
         raise ValueError("features contain NaN or infinite values")
+    use_bf16 = _use_bf16(matmul, dtype, dev, xt.numel())
     yt = torch.as_tensor(yv, device=dev)
     lam = torch.as_tensor(np.asarray(lambdas, dtype=np.float64), device=dev)
     m = lam.numel()
@@ -242,13 +386,15 @@ def fit_path(
         if basis[0].shape != (xt.shape[1], xt.shape[1]) or basis[1].shape != (xt.shape[1],):
             raise ValueError(f"basis must be a full D x D orthonormal matrix and D variances, "
                              f"got {tuple(basis[0].shape)}, {tuple(basis[1].shape)}")
-    prob = _Problem(xt, yt, k, lam, rank_rtol, basis, precond_rows)
+    prob = _Problem(xt, yt, k, lam, rank_rtol, basis, precond_rows, torch.bfloat16 if use_bf16 else None)
+    r = prob.r
 
-    shape = (m, prob.r + 1, k)
+    shape = (m, r + 1, k)
     u = torch.zeros(shape, dtype=dtype, device=dev)
+    logits = torch.zeros((m, prob.n, k), dtype=torch.float64, device=dev)  # every model's logits, kept
+    rows = torch.zeros((m, k, prob.a.shape[1]), dtype=dtype, device=dev)  # weights in the layout of `a`, kept
     f = torch.zeros(m, dtype=torch.float64, device=dev)
-    g = torch.zeros(shape, dtype=dtype, device=dev)
-    gw = torch.zeros_like(g)
+    g = torch.zeros(shape, dtype=dtype, device=dev)  # gradient in the scaled variables
     gmax = torch.full((m,), float("inf"), dtype=dtype, device=dev)
     # L-BFGS memory, model-major so one gather per iteration fetches every active model's pairs
     s_hist = torch.zeros((m, history) + shape[1:], dtype=dtype, device=dev)
@@ -259,12 +405,31 @@ def fit_path(
     head = torch.zeros(m, dtype=torch.long, device=dev)  # next slot to write, per model
     n_iter = torch.zeros(m, dtype=torch.long, device=dev)
     active = torch.zeros(m, dtype=torch.bool, device=dev)
+    low = torch.zeros(m, dtype=torch.bool, device=dev)  # model currently uses bf16 products
+    pending = torch.zeros(m, dtype=torch.bool, device=dev)  # bf16 fit waiting for its exact check
     stalled = torch.zeros(m, dtype=torch.bool, device=dev)
     no_gain = torch.zeros(m, dtype=torch.long, device=dev)
     best_gmax = torch.full((m,), float("inf"), dtype=dtype, device=dev)
-    # relative decrease of f below which a step counts as no progress (float32 logits carry
-    # ~1e-7 relative noise per term; sums over N samples are exact to ~1e-10)
+    # relative decrease of f below which a step counts as no progress
     stall_rtol = 1e-10 if dtype == torch.float32 else 1e-15
+
+    def evaluate_exactly(ids: torch.Tensor) -> None:
+        """Logits, objective and gradient of models ``ids`` from their weights, in ``dtype``."""
+        w = u[ids] * prob.scale[ids]
+        wz, b = w[:, :r, :], w[:, r, :]
+        rows[ids] = prob.to_rows(wz)
+        exact = torch.zeros(ids.numel(), dtype=torch.bool, device=dev)
+        logits[ids] = prob.logits(rows[ids], b, exact)
+        nll, res = prob.residuals(logits[ids])
+        gw, gmax[ids] = prob.gradients(res, wz, rows[ids], ids, exact)
+        f[ids] = nll + 0.5 * prob.lam_n[ids].double() * (wz.double() ** 2).sum((1, 2))
+        g[ids] = gw * prob.scale[ids]
+        low[ids] = False
+        no_gain[ids] = 0
+        best_gmax[ids] = gmax[ids]
+
+    def finished(ids: torch.Tensor) -> torch.Tensor:
+        return (gmax[ids] <= tol) | stalled[ids] | (n_iter[ids] >= max_iter)
 
     bar = None
     if progress:
@@ -284,12 +449,25 @@ def fit_path(
         if source is not None:  # warm start from the solved, more strongly regularised neighbour
             si = torch.as_tensor(source, device=dev)
             u[wi] = u[si] * prob.scale[si] / prob.scale[wi]
-        f[wi], g[wi], gw[wi], gmax[wi] = prob.value_grad(u[wi], wi)
-        best_gmax[wi] = gmax[wi]
+        evaluate_exactly(wi)
         active[wi] = gmax[wi] > tol
+        low[wi] = use_bf16 & active[wi]
         if bar is not None:
             bar.update(int((~active[wi]).sum()))
-        while bool(active.any()):
+        while True:
+            if not bool(active.any()):
+                # bf16 fits that met tol (or gave up) are checked together, exactly; those
+                # whose exact gradient misses tol go on with exact products
+                if not bool(pending.any()):
+                    break
+                ids = torch.nonzero(pending).flatten()
+                pending[ids] = False
+                evaluate_exactly(ids)
+                again = ~finished(ids)
+                active[ids[again]] = True
+                if bar is not None:
+                    bar.update(int((~again).sum()))
+                continue
             idx = torch.nonzero(active).flatten()
             a = idx.numel()
             q = g[idx].clone()
@@ -313,40 +491,37 @@ def fit_path(
                 be = rh[:, j] * _dot(yh[:, j], q)
                 q = q + (alphas[j] - be).to(dtype)[:, None, None] * sh[:, j]
             p = -q
-            gp = _dot(g[idx], p)
+            g0 = g[idx]
+            gp = _dot(g0, p)
             bad = gp >= 0  # not a descent direction: fall back to steepest descent
             if bool(bad.any()):
-                p[bad] = -g[idx][bad]
-                gp = torch.where(bad, -_dot(g[idx], g[idx]), gp)
-            # unit steps: in the scaled variables the bound Hessian is the identity, so even the
-            # first (steepest-descent) step is the majorise-minimise step and decreases f
-            step = torch.ones_like(gp)
-            f0 = f[idx]
+                p[bad] = -g0[bad]
+                gp = torch.where(bad, -_dot(g0, g0), gp)
+
+            # the direction's logits (one pass over X), then an exact line search along them
+            scale = prob.scale[idx]
             u0 = u[idx]
-            todo = torch.ones(a, dtype=torch.bool, device=dev)
-            f_new = f0.clone()
-            g_new = g[idx].clone()
-            gw_new = gw[idx].clone()
-            gm_new = gmax[idx].clone()
-            for _ in range(20):  # Armijo backtracking, only for models still searching
-                t = torch.nonzero(todo).flatten()
-                if t.numel() == 0:
-                    break
-                ut = u0[t] + step[t].to(dtype)[:, None, None] * p[t]
-                ft, gt, gwt, gmt = prob.value_grad(ut, idx[t])
-                ok = ft <= f0[t] + 1e-4 * step[t] * gp[t]
-                # approximate Armijo: f unchanged within rounding and a smaller gradient
-                ok |= (ft <= f0[t] + stall_rtol * f0[t].abs()) & (gmt < gmax[idx[t]])
-                okt = t[ok]
-                f_new[okt], g_new[okt], gw_new[okt], gm_new[okt] = ft[ok], gt[ok], gwt[ok], gmt[ok]
-                todo[okt] = False
-                step[t[~ok]] *= 0.5
-            failed = todo
-            accepted = ~failed
-            acc_idx = idx[accepted]
-            if acc_idx.numel():
-                s_vec = step[accepted].to(dtype)[:, None, None] * p[accepted]
-                y_vec = g_new[accepted] - g[acc_idx]
+            wz = (u0 * scale)[:, :r, :]
+            pw = p * scale
+            pwz = pw[:, :r, :]
+            d_rows = prob.to_rows(pwz)
+            lowi = low[idx]
+            d = prob.logits(d_rows, pw[:, r, :], lowi)
+            lam_i = prob.lam_n[idx].double()
+            step = _line_search(logits[idx], d, prob.onehot, gp, lam_i * _dot(wz, pwz), lam_i * _dot(pwz, pwz))
+            acc = torch.nonzero(step.ok).flatten()
+            acc_idx = idx[acc]
+            f0 = f[idx].clone()
+            if acc.numel():
+                t = step.t[acc]
+                s_vec = t.to(dtype)[:, None, None] * p[acc]
+                u_new = u0[acc] + s_vec
+                logits[acc_idx] += t[:, None, None] * d[acc]
+                rows[acc_idx] += t.to(dtype)[:, None, None] * d_rows[acc]
+                gw_new, gmax[acc_idx] = prob.gradients(step.res[acc], (u_new * scale[acc])[:, :r, :], rows[acc_idx],
+                                                       acc_idx, lowi[acc])
+                g_new = gw_new * scale[acc]
+                y_vec = g_new - g0[acc]
                 sy_new = _dot(s_vec, y_vec)
                 good = sy_new > 1e-10 * _dot(s_vec, s_vec).sqrt() * _dot(y_vec, y_vec).sqrt()
                 slot = head[acc_idx]
@@ -356,23 +531,23 @@ def fit_path(
                 rho[gi, slot[good]] = 1.0 / sy_new[good]
                 head[gi] = (head[gi] + 1) % history
                 n_mem[gi] = (n_mem[gi] + 1).clamp(max=history)
-                u[acc_idx] = u0[accepted] + s_vec
-                f[acc_idx] = f_new[accepted]
-                g[acc_idx] = g_new[accepted]
-                gw[acc_idx] = gw_new[accepted]
-                gmax[acc_idx] = gm_new[accepted]
+                u[acc_idx] = u_new
+                f[acc_idx] = f0[acc] + step.df[acc]
+                g[acc_idx] = g_new
                 n_iter[acc_idx] += 1
-            stalled[idx[failed]] = True
             # `stall_patience` steps in a row that neither lower f by a relative `stall_rtol`
             # nor reach a new smallest gradient: the floating point precision is exhausted
             gain = (f0 - f[idx]) / f0.abs().clamp_min(1.0)
-            progress_made = (gain > stall_rtol) | (gmax[idx] < best_gmax[idx])
+            progress_made = step.ok & ((gain > stall_rtol) | (gmax[idx] < best_gmax[idx]))
             best_gmax[idx] = torch.minimum(best_gmax[idx], gmax[idx])
             no_gain[idx] = torch.where(progress_made, 0, no_gain[idx] + 1)
-            stalled[idx[no_gain[idx] >= stall_patience]] = True
-            done = (gmax <= tol) | stalled | (n_iter >= max_iter)
-            newly = int((active & done).sum())
-            active &= ~done
+            stuck = ~step.ok | (no_gain[idx] >= stall_patience)
+            # a bf16 fit that meets tol, gets stuck or runs out of iterations waits for its exact check
+            stalled[idx[stuck & ~lowi]] = True
+            end = finished(idx) | stuck
+            pending[idx[end & lowi]] = True
+            active[idx[end]] = False
+            newly = int((end & ~lowi).sum())
             if bar is not None and newly:
                 bar.update(newly)
     if bar is not None:
@@ -391,5 +566,6 @@ def fit_path(
         grad_max=gmax.double().cpu().numpy(),
         tol=float(tol),
         device=str(dev),
+        matmul="bf16" if use_bf16 else "exact",
         basis=(prob.v, prob.var) if prob.r == prob.d else None,
     )
