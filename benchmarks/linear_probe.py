@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance for both solvers")
     ap.add_argument("--device", default=None, help="torch device for medxfer (default: cuda if available)")
+    ap.add_argument("--matmul", default="auto", choices=["auto", "bf16", "exact"],
+                    help="medxfer's products: bf16 where fast (auto), forced bf16, or exact float32")
     args = ap.parse_args(argv)
 
     import medxfer
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"medxfer device={device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""))
 
     t0 = time.perf_counter()
-    res = medxfer.evaluate("linear", fs, seed=args.seed, tol=args.tol, device=device)
+    res = medxfer.evaluate("linear", fs, seed=args.seed, tol=args.tol, device=device, matmul=args.matmul)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - t0
