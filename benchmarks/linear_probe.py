@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from medxfer.features import FeatureSet
     from medxfer.protocols.linear import lambda_grid
 
-    n_fit = int(round(0.8 * args.n))
+    n_fit = round(0.8 * args.n)
     x, y = make_problem(args.n + args.n_test, args.dim, args.classes, args.seed)
     splits = np.array(["train"] * n_fit + ["val"] * (args.n - n_fit) + ["test"] * args.n_test, dtype=object)
     fs = FeatureSet.from_arrays(x, y, splits, model="synthetic", dataset="benchmark")

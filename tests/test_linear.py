@@ -169,7 +169,7 @@ def test_carved_validation_is_seeded_and_stratified() -> None:
     fit, val = carve_validation(labels, 0.2, seed=0, stratified=True)
     assert sorted(np.unique(labels[val])) == [0, 1, 2] and len(np.intersect1d(fit, val)) == 0
     assert len(fit) + len(val) == len(labels)
-    fit2, val2 = carve_validation(labels, 0.2, seed=0, stratified=False)
+    _, val2 = carve_validation(labels, 0.2, seed=0, stratified=False)
     assert len(val2) == round(0.2 * len(labels))
     assert not np.array_equal(val, carve_validation(labels, 0.2, seed=1, stratified=True)[1])
 
