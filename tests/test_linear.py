@@ -94,6 +94,18 @@ def test_bf16_products_are_verified_exactly(n: int, d: int) -> None:
     np.testing.assert_allclose(fast.predict_proba(x), exact.predict_proba(x), atol=1e-3)
 
 
+def test_fast_bf16_detection_reads_cpu_flags(tmp_path) -> None:
+    from medxfer.devices import fast_bf16_matmul
+
+    with_bf16 = tmp_path / "with"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n")
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f fma\n")
+    assert fast_bf16_matmul("cpu", cpuinfo=str(with_bf16))
+    assert not fast_bf16_matmul("cpu", cpuinfo=str(without))
+    assert not fast_bf16_matmul("cpu", cpuinfo=str(tmp_path / "absent"))
+
+
 def test_matmul_auto_and_errors() -> None:
     x, y = blobs(100, 8, 3, seed=1)
     assert fit_path(x, y, np.array([1.0]), device="cpu").matmul == "exact"  # small problem: no bf16 copy
