@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("MEDXFER_CACHE", str(cache))
     return cache
+
+
+def lazy_synthetic_copies(base: Path, n_per_class: int, size: int, seed: int) -> Callable[[str], Path]:
+    """``get(name)``: a synthetic copy of dataset ``name`` in its official layout under ``base``,
+    written on first use and reused afterwards."""
+    from medxfer.data.synthetic import write_synthetic
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = write_synthetic(name, base / name, n_per_class=n_per_class, size=size, seed=seed)
+        return made[name]
+    return get

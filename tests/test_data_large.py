@@ -8,23 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import lazy_synthetic_copies
 
 from medxfer.data import DATASETS, DatasetError, load_dataset
 from medxfer.data.splits import write_split_file
-from medxfer.data.synthetic import write_synthetic
 from medxfer.data.validate import validate_dataset
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("synthetic-large")
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = write_synthetic(name, base / name, n_per_class=6, size=32, seed=2)
-        return made[name]
-    return get
+    return lazy_synthetic_copies(tmp_path_factory.mktemp("synthetic-large"), n_per_class=6, size=32, seed=2)
 
 
 def _patients_disjoint(ds) -> None:

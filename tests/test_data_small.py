@@ -7,24 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import lazy_synthetic_copies
 from PIL import Image
 
 from medxfer.data import DATASETS, DatasetError, load_dataset
-from medxfer.data.synthetic import write_synthetic
 from medxfer.data.validate import validate_dataset
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory):
     """Lazily written synthetic copies (n_per_class=5, 32 px), one per dataset per module."""
-    base = tmp_path_factory.mktemp("synthetic")
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = write_synthetic(name, base / name, n_per_class=5, size=32, seed=1)
-        return made[name]
-    return get
+    return lazy_synthetic_copies(tmp_path_factory.mktemp("synthetic"), n_per_class=5, size=32, seed=1)
 
 
 def _copy(src: Path, dst: Path) -> Path:

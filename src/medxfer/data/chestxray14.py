@@ -88,11 +88,9 @@ def load_chestxray14(root: Path, *, skip_bad: bool = False, allow_missing: bool 
             continue
         path = index.get(row["Image Index"])
         if path is None:
-            if allow_missing:
-                missing.append(row["Image Index"])
-            else:
-                issues.bad(f"{where}: image {row['Image Index']} not found in the images folders", kind="missing file",
-                           hint="if only some images_NNN archives are unpacked, pass allow_missing=True")
+            issues.missing_file(f"{where}: image {row['Image Index']} not found in the images folders",
+                                row["Image Index"], allow_missing, missing,
+                                hint="if only some images_NNN archives are unpacked, pass allow_missing=True")
             continue
         records.append(Record(path=str(path.resolve()), label=CLASSES.index(findings[0]),
                               patient=row["Patient ID"].lstrip("0") or "0",

@@ -38,6 +38,14 @@ class Issues:
     def note(self, message: str) -> None:
         self._notes.append(message)
 
+    def missing_file(self, message: str, name: str, allowed: bool, missing: list[str], hint: str) -> None:
+        """A labelled row whose image is absent: appended to ``missing`` when ``allowed`` (a
+        partial download, summarised by the caller), else a bad record of kind "missing file"."""
+        if allowed:
+            missing.append(name)
+        else:
+            self.bad(message, kind="missing file", hint=hint)
+
     @property
     def n_bad(self) -> int:
         return sum(len(v) for v in self._bad.values())

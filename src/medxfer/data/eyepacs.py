@@ -77,11 +77,8 @@ def _read_labels(csv_file: Path, image_dir: Path, split: str, allow_missing: boo
         listed.add(row["image"])
         path = index.get(row["image"])
         if path is None:
-            if allow_missing:
-                missing.append(row["image"])
-            else:
-                issues.bad(f"{where}: no image {row['image']}.jpeg in {image_dir}", kind="missing file",
-                           hint="if only part of the images is present, pass allow_missing=True")
+            issues.missing_file(f"{where}: no image {row['image']}.jpeg in {image_dir}", row["image"],
+                                allow_missing, missing, hint="if only part of the images is present, pass allow_missing=True")
             continue
         records.append(Record(path=str(path), label=int(row["level"]), split=split,
                               patient=m.group(1), eye=m.group(2)))
