@@ -25,8 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from _common import (Timing, bf16_supported, eyepacs_sample, load_average, machine, ratio_line, synthetic_xrays,
-                     timed)
+from _common import Timing, bf16_supported, eyepacs_sample, load_average, machine, ratio_line, synthetic_xrays, timed
 from medxfer.data.records import Dataset
 from medxfer.extract import AUTOCAST_TOLERANCE, autocast_context, extract_features, runtime_trunk
 from medxfer.models import load_model

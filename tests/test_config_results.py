@@ -1,12 +1,12 @@
 
 import pytest
 
-from medxfer.commands.run import spec_from_args
 from medxfer.cli import build_parser
+from medxfer.commands.run import spec_from_args
 from medxfer.config import DatasetArg, RunSpec, SpecError
-from medxfer.protocols.base import EvalResult
 from medxfer.report.tables import latex_table, results_csv, summary_markdown
-from medxfer.results import SCHEMA, Cell, build_result, load_results, read_result, write_result
+from medxfer.results import SCHEMA, Result, load_results, read_result, write_result
+from medxfer.testing import fake_result
 
 
 def test_dataset_arg_parsing():
@@ -49,23 +49,36 @@ def test_cli_arguments_become_a_run_spec(tmp_path):
 
 
 def _result(model, dataset, acc, ci, seed=0, random=True):
-    ev = EvalResult("fewshot", {"accuracy": acc, "ci95": ci, "episodes": 600.0},
-                    details={"episode_accuracies": [acc / 100] * 3})
-    return build_result(Cell(model, dataset, "fewshot", seed), "k", ev, spec={}, device="cpu", timings={"x": 1.0},
-                        model_info={"weights": "random init (seed 0)" if random else "pretrained", "random_weights": random},
-                        dataset_info={})
+    return fake_result(model, dataset, acc, ci, seed=seed, random_weights=random, episode_accuracies=[acc / 100] * 3)
 
 
 def test_result_json_round_trip_and_schema(tmp_path):
     r = _result("m1", "d1", 70.0, 1.0)
-    path = write_result(tmp_path, Cell("m1", "d1", "fewshot", 0), r)
+    path = write_result(tmp_path / "m1.json", r)
     back = read_result(path)
-    assert back["schema"] == SCHEMA and back["episode_accuracies"] == [0.7] * 3
-    for key in ("model", "dataset", "protocol", "run_key", "metrics", "spec", "seed", "timings", "versions",
-                "git_revision", "device"):
-        assert key in back
+    assert isinstance(back, Result) and back.schema == SCHEMA == "medxfer.result/2"
+    assert back.to_dict() == r.to_dict() and back.episode_accuracies == [0.7] * 3
+    d = back.to_dict()
+    for key in ("model", "dataset", "protocol", "protocol_version", "run_key", "headline", "metrics", "params",
+                "details", "warnings", "artifacts", "model_info", "dataset_info", "spec", "seed", "timings",
+                "versions", "git_revision", "device"):
+        assert key in d, key
+    assert set(d["headline"]) == {"metric", "value", "ci95", "higher_is_better"}
+    for key in ("family", "imagenet_top1", "normalization", "weights_hash", "random_weights"):
+        assert key in d["model_info"], key
+    for key in ("modality", "in_domain", "class_names", "counts", "headline_metric", "name", "label"):
+        assert key in d["dataset_info"], key
     (tmp_path / "garbage.json").write_text("{not json")
     assert len(load_results(tmp_path)) == 1
+
+
+def test_old_schema_results_are_refused_with_a_rerun_message(tmp_path, caplog):
+    import json
+
+    (tmp_path / "old.json").write_text(json.dumps({"schema": "medxfer.result/1", "model": "m", "metrics": {}}))
+    with caplog.at_level("WARNING"):
+        assert load_results(tmp_path) == []
+    assert "medxfer.result/1" in caplog.text and "re-run" in caplog.text
 
 
 def test_summary_marks_best_and_second_and_random_weights():
@@ -75,7 +88,7 @@ def test_summary_marks_best_and_second_and_random_weights():
     assert "**80.00 ± 1.00**" in md and "_70.00 ± 1.00_" in md and "| c | 60.00 ± 1.00 |" in md
     assert "RANDOMLY INITIALISED" in md
     assert "\\textbf{80.00 $\\pm$ 1.00}" in latex_table(results, "fewshot")
-    assert results_csv(results).splitlines()[0].startswith("model,dataset,protocol,seed")
+    assert results_csv(results).splitlines()[0].startswith("model,dataset,protocol,table,seed")
 
 
 def test_paired_difference_and_section():
@@ -93,11 +106,37 @@ def test_paired_difference_and_section():
     assert paired_difference(a, a).p_value == 1.0
     with pytest.raises(ValueError):
         paired_difference(a, b[:3])
-    r1 = _result("a", "d1", 70.0, 1.0)
-    r2 = _result("b", "d1", 80.0, 1.0)
-    for r in (r1, r2):
-        r["details"]["episodes_sha256"] = "same"
-    r1["episode_accuracies"] = [0.7, 0.6, 0.8]
-    r2["episode_accuracies"] = [0.8, 0.8, 0.8]
+    r1 = fake_result("a", "d1", 70.0, 1.0, episode_accuracies=[0.7, 0.6, 0.8])
+    r2 = fake_result("b", "d1", 80.0, 1.0, episode_accuracies=[0.8, 0.8, 0.8])
     md = summary_markdown([r1, r2])
     assert "paired against the best" in md and "| d1 | a | b | -10.00 ± 11.32 |" in md
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("image_size", "big", "image_size: 'big': expected an integer"),
+    ("seeds", "zero", "seeds: 'zero'"),
+    ("batch_size", -3, "batch_size: -3 must be at least 1"),
+    ("image_size", 7, "image_size: 7 is too small"),
+    ("skip_bad", "nope", "skip_bad: 'nope': expected true or false"),
+    ("workers", 1.5, "workers: 1.5"),
+    ("weights", "imagenet", "weights: 'imagenet': expected one of"),
+])
+def test_run_spec_fields_are_validated_from_yaml_and_python(tmp_path, field, value, message):
+    import yaml
+
+    data = {"models": ["test-tiny"], "datasets": ["a=folder:/x"], field: value}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        RunSpec.from_yaml(path)
+    assert str(path) in str(exc.value)  # the file is named
+    with pytest.raises(SpecError, match=field):
+        RunSpec(models=("test-tiny",), datasets=(DatasetArg.parse("a=folder:/x"),), **{field: value})
+
+
+def test_cli_values_are_validated_with_the_field_named(tmp_path, capsys):
+    from medxfer.cli import main
+
+    rc = main(["run", "--models", "test-tiny", "--dataset", f"a=folder:{tmp_path}", "--image-size", "7",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "image_size: 7 is too small" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def test_split_file_roundtrip_and_missing_entries(tmp_path: Path) -> None:
 
 def test_unknown_option_is_an_error(tmp_path: Path) -> None:
     root = _folder(tmp_path / "d", {"a": 2, "b": 2})
-    with pytest.raises(ValueError, match="no option colour"):
+    with pytest.raises(ValueError, match=r"unknown '--dataset-option folder.colour'. Valid: split"):
         load_dataset("folder", root, colour="red")
 
 

@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import lazy_synthetic_copies
 
+from conftest import lazy_synthetic_copies
 from medxfer.data import DATASETS, DatasetError, load_dataset
 from medxfer.data.splits import write_split_file
 from medxfer.data.validate import validate_dataset

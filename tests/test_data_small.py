@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import lazy_synthetic_copies
 from PIL import Image
 
+from conftest import lazy_synthetic_copies
 from medxfer.data import DATASETS, DatasetError, load_dataset
 from medxfer.data.validate import validate_dataset
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import medxfer.extract as ex
-from medxfer.extract import FeatureError, extract_features, features_key
+from medxfer import runtime
+from medxfer.extract import AUTOCAST_TOLERANCE, FeatureError, extract_features, features_artifact, features_key
 from medxfer.models import load_model
 from medxfer.prepare import prepare
-from test_prepare import make_dataset
+from medxfer.testing import random_image_dataset as make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,19 +25,6 @@ def direct_features(model, array: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2).contiguous()
     with torch.inference_mode():
         return model(model.normalize(x)).numpy()
-
-
-def count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Batch sizes of every forward pass the extraction runs."""
-    calls: list[int] = []
-    real = ex._Runner._forward
-
-    def counting(self, part):
-        calls.append(len(part))
-        return real(self, part)
-
-    monkeypatch.setattr(ex._Runner, "_forward", counting)
-    return calls
 
 
 @pytest.fixture
@@ -52,9 +39,9 @@ def test_features_match_direct_computation(prepared, tmp_path: Path) -> None:
     assert fs.features.shape == (10, 32) and fs.features.dtype == np.float32
     np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)
     assert fs.model == "test-tiny" and fs.dataset == "toy" and fs.class_names == ("neg", "pos")
-    assert fs.headline_metric == "auroc" and fs.records == prepared.records
+    assert fs.headline_metric == "auroc" and fs.records == prepared.records and fs.info == prepared.info
     np.testing.assert_array_equal(fs.labels, prepared.labels)
-    assert fs.key == features_key(model, prepared.key, "fp32")
+    assert fs.key == features_key(model, prepared.key, "fp32") and fs.built
     for k in ("weights", "device", "precision", "batch_size", "seconds", "images_per_second"):
         assert k in fs.meta
     assert fs.meta["device"] == "cpu" and fs.meta["weights"].startswith("random")
@@ -75,19 +62,40 @@ def test_eval_mode_is_asserted(prepared, tmp_path: Path) -> None:
         extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
 
 
-def test_cache_reused_and_invalidated(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_reused_and_invalidated(prepared, tmp_path: Path) -> None:
     model = load_model("test-tiny", weights="random")
-    calls = count_forwards(monkeypatch)
     a = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=5, progress=False)
-    assert sum(calls) == 10
+    assert a.built and a.meta["images_extracted"] == 10
     b = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=5, progress=False)
-    assert sum(calls) == 10 and b.key == a.key  # cached: no forward pass
+    assert not b.built and b.key == a.key  # cached: no forward pass
     np.testing.assert_array_equal(a.features, b.features)
     c = extract_features(model, prepared, cache_dir=tmp_path / "c", precision="bf16", progress=False)
-    assert c.key != a.key and sum(calls) == 20
+    assert c.key != a.key and c.built
     other = load_model("test-tiny", weights="random", seed=1)
     d = extract_features(other, prepared, cache_dir=tmp_path / "c", progress=False)
     assert d.key != a.key and not np.allclose(d.features, a.features)
+
+
+def test_normalisation_is_part_of_the_feature_key(prepared, tmp_path: Path) -> None:
+    """The same checkpoint under another normalisation gives other features, never stale ones."""
+    imagenet = load_model("test-tiny", weights="random")
+    raw = load_model("test-tiny", weights="random", normalization="none")
+    assert imagenet.weights_hash == raw.weights_hash and imagenet.fingerprint != raw.fingerprint
+    a = extract_features(imagenet, prepared, cache_dir=tmp_path / "c", progress=False)
+    b = extract_features(raw, prepared, cache_dir=tmp_path / "c", progress=False)
+    assert a.key != b.key and b.built and not np.allclose(a.features, b.features)
+    np.testing.assert_allclose(b.features, direct_features(raw, prepared.array), rtol=1e-4, atol=1e-5)
+
+
+def test_features_of_a_stage(prepared, tmp_path: Path) -> None:
+    model = load_model("test-tiny", weights="random")
+    fs = extract_features(model, prepared, cache_dir=tmp_path / "c", layer="block2", progress=False)
+    x = torch.from_numpy(np.array(prepared.array)).permute(0, 3, 1, 2).contiguous()
+    with torch.inference_mode():
+        want = model.feature_map(model.normalize(x), "block2").mean(dim=(-2, -1)).numpy()
+    assert fs.features.shape == (10, 32) and fs.meta["layer"] == "block2"
+    np.testing.assert_allclose(fs.features, want, rtol=1e-4, atol=1e-5)
+    assert fs.key != extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False).key
 
 
 def test_dataset_input_is_prepared_with_same_cache(tmp_path: Path) -> None:
@@ -99,93 +107,91 @@ def test_dataset_input_is_prepared_with_same_cache(tmp_path: Path) -> None:
     np.testing.assert_allclose(fs.features, direct_features(model, p.array), rtol=1e-4, atol=1e-5)
 
 
-def test_interrupted_extraction_resumes(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_extraction_resumes(prepared, tmp_path: Path) -> None:
     model = load_model("test-tiny", weights="random")
     ref = extract_features(model, prepared, cache_dir=tmp_path / "ref", batch_size=2, progress=False)
-    monkeypatch.setattr(ex, "FLUSH_EVERY_BATCHES", 1)
-    n_calls = [0]
-    real = ex._Runner._forward
 
-    def dying(self, part):
-        n_calls[0] += 1
-        if n_calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(self, part)
+    def stop(done: int, total: int) -> None:
+        if done == 6:
+            raise Stop
 
-    monkeypatch.setattr(ex._Runner, "_forward", dying)
-    with pytest.raises(KeyboardInterrupt):
-        extract_features(model, prepared, cache_dir=tmp_path / "c2", batch_size=2, progress=False)
-    monkeypatch.setattr(ex._Runner, "_forward", real)
-    done = np.load(tmp_path / "c2" / "features" / ref.key / "done.npy")
-    assert done.tolist() == [True] * 4 + [False] * 6
-    calls = count_forwards(monkeypatch)
+    with pytest.raises(Stop):
+        extract_features(model, prepared, cache_dir=tmp_path / "c2", batch_size=2, progress=False,
+                         checkpoint_every=2, on_progress=stop)
+    art = features_artifact(model, prepared.key, cache_dir=tmp_path / "c2")
+    assert art.progress() == (6, 10) and not art.complete
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c2", batch_size=2, progress=False)
-    assert sum(calls) == 6 and fs.meta["images_extracted"] == 6
+    assert fs.built and fs.meta["images_extracted"] == 4
     np.testing.assert_allclose(fs.features, ref.features, rtol=1e-5, atol=1e-6)
 
 
-def test_killed_extraction_resumes(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_extraction_resumes(prepared, tmp_path: Path) -> None:
     """A hard kill mid-run: the next run redoes only what the last flush had not recorded."""
+    import json
+    from dataclasses import asdict
+
+    records = json.dumps([asdict(r) for r in prepared.records])
     script = textwrap.dedent(f"""
-        import os
-        import medxfer.extract as ex
-        from medxfer.models import load_model
+        import json, os
         from medxfer.data.records import Dataset, DatasetInfo, Record
+        from medxfer.extract import extract_features
+        from medxfer.models import load_model
         from medxfer.prepare import prepare
-        import json
-        recs = [Record(**r) for r in json.loads({json_records(prepared)!r})]
-        ds = Dataset(DatasetInfo("toy", "binary", ("neg", "pos"), headline_metric="auroc"), recs, "x")
+        recs = [Record(**r) for r in json.loads({records!r})]
+        ds = Dataset(DatasetInfo("toy", "binary", ("neg", "pos")), recs, "x")
         p = prepare(ds, size=32, cache_dir={str(tmp_path / "c")!r}, workers=1, progress=False)
         assert p.key == {prepared.key!r}
-        ex.FLUSH_EVERY_BATCHES = 2
-        model = load_model("test-tiny", weights="random")
-        calls = []
-        real = ex._Runner._forward
-        def die(self, part):
-            calls.append(1)
-            if len(calls) == 4:
+        def die(done, total):
+            if done == 6:
                 os._exit(3)
-            return real(self, part)
-        ex._Runner._forward = die
-        ex.extract_features(model, p, cache_dir={str(tmp_path / "c")!r}, batch_size=2, progress=False)
+        extract_features(load_model("test-tiny", weights="random"), p, cache_dir={str(tmp_path / "c")!r},
+                         batch_size=2, progress=False, checkpoint_every=4, on_progress=die)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
     model = load_model("test-tiny", weights="random")
-    key = features_key(model, prepared.key)
-    done = np.load(tmp_path / "c" / "features" / key / "done.npy")
-    assert done.tolist() == [True] * 4 + [False] * 6
-    calls = count_forwards(monkeypatch)
+    art = features_artifact(model, prepared.key, cache_dir=tmp_path / "c")
+    assert art.progress() == (4, 10)
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=2, progress=False)
-    assert sum(calls) == 6
+    assert fs.meta["images_extracted"] == 6
     np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)
 
 
-def json_records(prepared) -> str:
-    import json
-    from dataclasses import asdict
-
-    return json.dumps([asdict(r) for r in prepared.records])
-
-
-def test_nan_features_name_model_and_record(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_truncated_feature_file_is_detected_and_rebuilt(prepared, tmp_path: Path, caplog) -> None:
     model = load_model("test-tiny", weights="random")
-    calls: list[int] = []
-    real = ex._Runner._forward
+    good = np.array(extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False).features)
+    art = features_artifact(model, prepared.key, cache_dir=tmp_path / "c")
+    with open(art.array_path, "r+b") as f:
+        f.truncate(art.array_path.stat().st_size - 64)
+    with caplog.at_level("WARNING"):
+        again = extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
+    assert "truncated" in caplog.text and again.built
+    np.testing.assert_array_equal(again.features, good)
 
-    def poison(self, part):
-        calls.append(1)
-        out = real(self, part).clone()
-        if len(calls) == 2:  # second batch of 4: row 1 is record 5
-            out[1] = float("nan")
-        return out
 
-    monkeypatch.setattr(ex._Runner, "_forward", poison)
+def test_nan_features_name_model_and_record(prepared, tmp_path: Path) -> None:
+    """A trunk that returns NaN for one image (the brightest): the error names model and record."""
+    from medxfer.models.backbone import Backbone
+
+    class NanForBright(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = x.mean(dim=(2, 3)).repeat(1, 11)[:, :32]
+            return torch.where(x.mean(dim=(1, 2, 3), keepdim=True)[:, :, 0, 0] > 1.5, float("nan"), out)
+
+    bright = np.array(prepared.array)
+    bright[5] = 255
+    from medxfer.prepare import PreparedImages
+
+    p = PreparedImages(bright, prepared.records, "bright", None, 32, prepared.info)
+    model = Backbone(load_model("test-tiny", weights="random").spec, NanForBright(), "test trunk").eval()
     with pytest.raises(FeatureError, match=r"test-tiny.*record 5 .*img5\.png"):
-        extract_features(model, prepared, cache_dir=tmp_path / "c", batch_size=4, progress=False)
-    key = features_key(model, prepared.key)
-    assert not (tmp_path / "c" / "features" / key / "meta.json").exists()
+        extract_features(model, p, cache_dir=tmp_path / "c", batch_size=4, progress=False, fuse=False)
+    assert not features_artifact(model, "bright", cache_dir=tmp_path / "c").complete
 
 
 def test_bad_records_are_listed(tmp_path: Path) -> None:
@@ -205,7 +211,7 @@ def test_bf16_close_to_fp32(tmp_path: Path) -> None:
     a = extract_features(model, p, cache_dir=tmp_path / "c", precision="fp32", progress=False).features
     b = extract_features(model, p, cache_dir=tmp_path / "c", precision="bf16", progress=False).features
     rel = np.abs(a - b).max() / np.abs(a).max()
-    assert 0 < rel < ex.AUTOCAST_TOLERANCE["bf16"]  # bf16 really ran, and stayed within tolerance
+    assert 0 < rel < AUTOCAST_TOLERANCE["bf16"]  # bf16 really ran, and stayed within tolerance
 
 
 def test_precision_errors(prepared, tmp_path: Path) -> None:
@@ -244,17 +250,15 @@ def test_batchnorm_folding_is_exact_and_leaves_model_alone(prepared, tmp_path: P
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_folded_trunk_made_once_per_model(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folds: list[int] = []
-    real = ex.fold_batchnorm
-    monkeypatch.setattr(ex, "fold_batchnorm", lambda trunk: (folds.append(1), real(trunk))[1])
+def test_folded_trunk_made_once_per_model(prepared, tmp_path: Path) -> None:
     model = load_model("test-tiny", weights="random")
+    first = runtime.folded_trunk(model)
+    assert first is not None and runtime.folded_trunk(model) is first  # made once, reused
     extract_features(model, prepared, cache_dir=tmp_path / "a", progress=False)
-    extract_features(model, prepared, cache_dir=tmp_path / "b", precision="bf16", progress=False)
-    assert len(folds) == 1
+    assert runtime.folded_trunk(model) is first
     model.load_state_dict(load_model("test-tiny", weights="random", seed=2).state_dict())  # new weights
+    assert runtime.folded_trunk(model) is not first
     fs = extract_features(model, prepared, cache_dir=tmp_path / "c", progress=False)
-    assert len(folds) == 2
     np.testing.assert_allclose(fs.features, direct_features(model, prepared.array), rtol=1e-4, atol=1e-5)
 
 

@@ -3,9 +3,13 @@ import json
 import numpy as np
 import pytest
 
+import medxfer
 from medxfer.features import FeatureSet
-from medxfer.protocols.fewshot import (FewShotError, episode_accuracies, mean_ci95, run_fewshot,
-                                       sample_episodes, select_pool)
+from medxfer.protocols.fewshot import FewShotError, episode_accuracies, mean_ci95, sample_episodes, select_pool
+
+
+def run_fewshot(features, seed=0, **params):
+    return medxfer.evaluate("fewshot", features, seed=seed, **params)
 
 
 def _toy(n_per_class=40, classes=3, dim=16, sep=1.0, seed=0):
@@ -97,3 +101,32 @@ def test_pool_selection():
     pool = select_pool(labels, splits, 30, 0)
     assert len(pool) == 30 and (pool < 80).all()
     assert (select_pool(labels, splits, 30, 0) == pool).all()
+
+
+def test_dataset_paper_settings_apply_when_the_features_know_their_dataset():
+    from dataclasses import replace
+
+    from medxfer.data.eyepacs import INFO as EYEPACS
+
+    x, labels = _toy(n_per_class=40, classes=5)
+    fs = FeatureSet.from_arrays(x, labels, splits=["train"] * len(labels), info=replace(EYEPACS))
+    r = run_fewshot(fs, n_shot=5, episodes=10)
+    assert r.params["n_way"] == 5 and r.params["pool_size"] == 10001  # EyePACS: 5-way, 10,001-image pool
+    plain = run_fewshot(FeatureSet.from_arrays(x, labels), n_shot=5, episodes=10)
+    assert plain.params["n_way"] == 2 and plain.params["pool_size"] is None
+
+
+def test_parameter_errors_name_the_field_and_suggest():
+    from medxfer.errors import ParamError
+
+    x, labels = _toy()
+    fs = FeatureSet.from_arrays(x, labels)
+    with pytest.raises(ParamError, match="Did you mean '--set fewshot.n_shot'") as exc:
+        run_fewshot(fs, n_shto=5)
+    assert "n_way (int, default 2)" in str(exc.value)
+    with pytest.raises(ParamError, match="n_shot='five': expected an integer"):
+        run_fewshot(fs, n_shot="five")
+    with pytest.raises(ParamError, match="small_classes='maybe': expected one of 'error' | 'drop'"):
+        run_fewshot(fs, small_classes="maybe")
+    with pytest.raises(ParamError, match="episodes=0: must be positive"):
+        run_fewshot(fs, episodes=0)

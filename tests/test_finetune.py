@@ -3,34 +3,22 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import medxfer
-from medxfer.data.records import Record
 from medxfer.models.backbone import state_dict_hash
-from medxfer.prepare import PreparedImages
 from medxfer.protocols import finetune as ft
 from medxfer.protocols.base import PROTOCOLS
+from medxfer.testing import half_bright_prepared
 
 FAST = dict(image_size=32, batch_size=8, max_steps=24, val_every=4, patience=2, eval_batch_size=64,
             crop_scale=[0.5, 1.0])
 
 
 def tiny_prepared(n: int = 60, size: int = 32, seed: int = 0, channels: int = 3,
-                  splits: tuple[str, ...] = ("train", "val", "test")) -> PreparedImages:
-    """Two classes: bright left half vs bright right half, plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 2
-    img = rng.integers(0, 90, size=(n, size, size, channels)).astype(np.uint8)
-    half = size // 2
-    img[labels == 0, :, :half] += 120
-    img[labels == 1, :, half:] += 120
-    names = [splits[0]] * (n // 2) + [splits[1 % len(splits)]] * (n // 4) + [splits[-1]] * (n - n // 2 - n // 4)
-    records = [Record(path=f"<array>#{i}", label=int(labels[i]), split=names[i]) for i in range(n)]
-    return PreparedImages(array=img, records=records, key=f"tiny{seed}", path=None, size=size,
-                          class_names=("left", "right"), dataset="tiny")
+                  splits: tuple[str, ...] = ("train", "val", "test")):
+    return half_bright_prepared(n, size, seed, channels, splits)
 
 
 @pytest.fixture
@@ -51,7 +39,7 @@ def test_result_contract_and_callers_model_untouched(model) -> None:
     assert d["restored"] and d["best_step"] in [c["step"] for c in d["val_curve"]]
     assert d["splits"] == {"n_train": 30, "n_val": 15, "n_test": 15, "val_source": "dataset"}
     json.dumps({"m": res.metrics, "p": res.params, "d": d}, allow_nan=False)
-    assert PROTOCOLS.get("finetune").needs == "images"
+    assert PROTOCOLS.get("finetune").needs.images and PROTOCOLS.get("finetune").needs.accelerator == "gpu"
 
 
 def test_learns_the_toy_task(model) -> None:
@@ -85,11 +73,12 @@ def test_augment_is_seeded_and_shaped() -> None:
 
 def _restore_check(model, monkeypatch, aliased: bool) -> tuple[float, float, dict]:
     """Finetune until early stopping; return (val loss of the returned net, recorded best val loss, details)."""
-    if aliased:  # the original code's bug: a "best" state dict that references the live tensors
-        monkeypatch.setattr(ft, "SNAPSHOT", lambda net: net.state_dict())
+    # aliased: the original code's bug, a "best" state dict that references the live tensors
+    snapshot = (lambda net: net.state_dict()) if aliased else ft.snapshot_state
     prep = tiny_prepared(n=64)
-    params = {**FAST, "lr": 0.3, "patience": 1, "val_every": 2, "max_steps": 200}
-    net, res = ft.finetune_model(model, prep, seed=0, device="cpu", **params)
+    params = ft.FinetuneParams(**{**FAST, "lr": 0.3, "patience": 1, "val_every": 2, "max_steps": 200,
+                                  "crop_scale": (0.5, 1.0)})
+    net, res = ft.finetune_model(model, prep, params, seed=0, device="cpu", snapshot=snapshot)
     sp = ft.many_shot_splits(prep.splits, prep.labels, val_fraction=0.2, val_seed=0, stratified=True)
     _, loss, _ = ft.evaluate_net(net, prep, sp.val, prep.labels, size=32, batch_size=64,
                                  device=torch.device("cpu"), amp=False, headline="accuracy")
@@ -115,7 +104,7 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_result(model, monkeypatch, tmp_path) -> None:
+def test_killed_run_resumes_to_the_same_result(model, tmp_path) -> None:
     prep = tiny_prepared()
     params = {**FAST, "patience": 100}
     reference = medxfer.finetune(model, prep, seed=1, device="cpu", **params)
@@ -124,11 +113,10 @@ def test_killed_run_resumes_to_the_same_result(model, monkeypatch, tmp_path) -> 
         if step == 12:
             raise Killed
 
-    monkeypatch.setattr(ft, "_after_checkpoint", kill)
+    typed = PROTOCOLS.get("finetune").make_params(params)
     with pytest.raises(Killed):
-        medxfer.finetune(model, prep, seed=1, device="cpu", workdir=tmp_path, **params)
+        ft.finetune_model(model, prep, typed, seed=1, device="cpu", workdir=tmp_path, on_checkpoint=kill)
     assert (tmp_path / ft.CHECKPOINT).is_file()
-    monkeypatch.setattr(ft, "_after_checkpoint", lambda step: None)
     resumed = medxfer.finetune(model, prep, seed=1, device="cpu", workdir=tmp_path, **params)
     assert resumed.details["resumed_from"] == 12
     assert resumed.metrics == reference.metrics
@@ -179,8 +167,30 @@ def test_clear_errors(model) -> None:
     prep = tiny_prepared(splits=("train", "val"))
     with pytest.raises(ValueError, match="no 'test' split"):
         medxfer.finetune(model, prep, device="cpu", **FAST)
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(ValueError, match="unknown '--set finetune.learning_rate'"):
         medxfer.finetune(model, tiny_prepared(), device="cpu", learning_rate=0.1)
+    with pytest.raises(ValueError, match="crop_scale=0.5: expected"):
+        medxfer.finetune(model, tiny_prepared(), device="cpu", crop_scale=0.5)
+    with pytest.raises(ValueError, match="unknown search key"):
+        medxfer.finetune(model, tiny_prepared(), device="cpu", search={"momentum": [0.9]})
+
+
+def test_autocast_precision_enters_the_run_key() -> None:
+    """bf16/fp16 autocast on a GPU and fp32 on a CPU give different numbers: different keys."""
+    proto = PROTOCOLS.get("finetune")
+    p = proto.make_params()
+    assert proto.key_extras(p, "cpu") == {"autocast": "fp32"}
+    assert proto.key_extras(proto.make_params({"amp": False}), "cuda") == {"autocast": "fp32"}
+    if torch.cuda.is_available():
+        assert proto.key_extras(p, "cuda")["autocast"] in ("bf16", "fp16")
+
+
+def test_finetune_shows_progress(model, capfd) -> None:
+    from medxfer.progress import forced
+
+    with forced(True):
+        medxfer.finetune(model, tiny_prepared(), seed=0, device="cpu", **{**FAST, "max_steps": 4})
+    assert "finetune test-tiny" in capfd.readouterr().err
 
 
 @pytest.mark.gpu

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from medxfer.cli import main
 
 FAST = ["--set", "finetune.max_steps=6", "--set", "finetune.val_every=3", "--set", "finetune.batch_size=8",
@@ -19,7 +18,7 @@ def _run(dataset: str, out: Path, extra: list[str] = ()) -> list[dict]:
     assert {r["protocol"] for r in results} == {"linear", "finetune"}
     for r in results:
         assert 0.0 <= r["metrics"]["accuracy"] <= 100.0
-        assert r["metrics"]["headline"] == r["metrics"][r["details"]["headline_metric"]]
+        assert r["metrics"]["headline"] == r["metrics"][r["details"]["headline_metric"]] == r["headline"]["value"]
     return results
 
 
@@ -30,8 +29,11 @@ def test_run_linear_and_finetune_on_synthetic_layout(tmp_path: Path) -> None:
     results = _run(f"shenzhen={root}", tmp_path / "out")
     lin = next(r for r in results if r["protocol"] == "linear")
     assert len(lin["details"]["val_curve"]) == 45 and lin["metrics"]["C"] in lin["details"]["grid_C"]
-    # a re-run reuses the results; the finetune work folder holds the finished run
+    # the finetune work folder holds the finished run, listed as the result's artifact
     assert any((tmp_path / "out" / "work").rglob("final.pt"))
+    ft = next(r for r in results if r["protocol"] == "finetune")
+    assert [a["path"] for a in ft["artifacts"]] == [f"work/{ft['cell_id']}/final.pt"]
+    assert ft["artifacts"][0]["size"] == (tmp_path / "out" / ft["artifacts"][0]["path"]).stat().st_size
 
 
 def test_run_linear_and_finetune_on_real_samples(shared_data: Path, tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import medxfer
+from medxfer.data.records import DatasetInfo
 from medxfer.features import FeatureSet
 from medxfer.protocols.base import PROTOCOLS
-from medxfer.protocols.linear import lambda_grid, run_linear
+from medxfer.protocols.linear import lambda_grid
 from medxfer.protocols.logreg import fit_path
 from medxfer.protocols.splits import carve_validation
 
@@ -123,6 +124,10 @@ def test_reused_basis_gives_the_same_fit() -> None:
     np.testing.assert_allclose(a.coef, b.coef, atol=1e-6)
 
 
+def run_linear(features: FeatureSet, seed: int = 0, **params):
+    return medxfer.evaluate("linear", features, seed=seed, device="cpu", **params)
+
+
 def feature_set(n: int = 600, d: int = 20, k: int = 3, seed: int = 0, with_val: bool = True,
                 headline: str = "accuracy") -> FeatureSet:
     x, y = blobs(n, d, k, seed=seed, sep=0.35)
@@ -131,9 +136,8 @@ def feature_set(n: int = 600, d: int = 20, k: int = 3, seed: int = 0, with_val: 
     splits = names[rng.choice(3, size=n, p=[0.6, 0.2, 0.2])]
     if not with_val:
         splits[splits == "val"] = "train"
-    fs = FeatureSet.from_arrays(x, y, splits, model="m", dataset="d")
-    fs.headline_metric = headline
-    return fs
+    info = DatasetInfo("d", "multiclass", tuple(str(c) for c in range(k)), headline_metric=headline)
+    return FeatureSet.from_arrays(x, y, splits, model="m", dataset="d", info=info)
 
 
 def test_chosen_c_and_test_accuracy_match_sklearn() -> None:
@@ -196,9 +200,9 @@ def test_non_converged_fits_are_reported() -> None:
 
 def test_paper_compat_runs_sklearn_weak_to_strong() -> None:
     fs = feature_set(n=300)
-    params = PROTOCOLS.get("linear").resolve_params({"max_iter": 5}, compat="paper")
-    assert params["solver"] == "sklearn-lbfgs" and params["warm_start_order"] == "weak_to_strong"
-    res = run_linear(fs, seed=0, **params)
+    params = PROTOCOLS.get("linear").make_params({"max_iter": 5}, compat="paper")
+    assert params.solver == "sklearn-lbfgs" and params.warm_start_order == "weak_to_strong"
+    res = run_linear(fs, seed=0, compat="paper", max_iter=5)
     assert res.details["solver"] == "sklearn-lbfgs"
     assert res.details["non_converged"]  # 5 iterations: recorded, not silenced
     assert 0.0 <= res.metrics["accuracy"] <= 100.0
@@ -214,8 +218,10 @@ def test_clear_errors() -> None:
     nan_fs = FeatureSet.from_arrays(bad, fs.labels, fs.splits, model="m", dataset="d")
     with pytest.raises(ValueError, match=r"rows \[7\]"):
         run_linear(nan_fs)
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(ValueError, match="unknown '--set linear.not_a_param'"):
         medxfer.evaluate("linear", fs, not_a_param=1)
+    with pytest.raises(ValueError, match="solver"):
+        medxfer.evaluate("linear", fs, solver="newton")  # refused before any fitting
 
 
 @pytest.mark.gpu
@@ -240,3 +246,25 @@ def test_warm_started_fit_reaches_the_same_solution_faster() -> None:
     assert warm.n_iter[0] < cold.n_iter[0]
     same = fit_path(x, y, lam, dtype=torch.float64, tol=1e-9, device="cpu", init=(cold.coef, cold.intercept))
     assert same.n_iter[0] <= 1  # starting at the optimum: nothing (or one polishing step) to do
+
+
+def test_the_run_device_reaches_the_solver_and_stays_out_of_run_keys() -> None:
+    """The solver gets the caller's device (``--device`` in a run), unless ``linear.device`` is set."""
+    from medxfer.protocols.linear import SOLVERS
+
+    seen: list[str] = []
+    real = SOLVERS.get("medxfer")
+
+    def recording(*args):
+        seen.append(args[-1])
+        return real(*args[:-1], "cpu")
+
+    SOLVERS.register("recording", recording)
+    try:
+        fs = feature_set(n=200)
+        medxfer.evaluate("linear", fs, solver="recording", device="cpu")
+        medxfer.evaluate("linear", fs, solver="recording", device="cuda:7")  # recorded, never used
+    finally:
+        SOLVERS.unregister("recording")
+    assert seen == ["cpu", "cuda:7"]
+    assert "device" not in PROTOCOLS.get("linear").make_params({"device": "cpu"}).key()

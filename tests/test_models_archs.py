@@ -5,23 +5,66 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medxfer.models import ARCH_FEATURE_DIMS, ARCHS, MODELS, build_trunk
+from medxfer.models import ARCHS, MODELS, build_trunk
 from medxfer.models.vit import DinoVisionTransformer
 
 
-@pytest.mark.parametrize("arch", sorted(ARCH_FEATURE_DIMS))
+@pytest.mark.parametrize("arch", ARCHS.names())
 def test_arch_contract_on_meta_device(arch: str) -> None:
-    """Shapes only (meta tensors: no compute): pooled features, no classification head."""
+    """Shapes only (meta tensors: no compute): pooled features, no classification head, and
+    every declared stage has the declared channels."""
+    a = ARCHS.get(arch)
     with torch.device("meta"):
-        trunk = ARCHS.get(arch)()
-        out = trunk(torch.empty(2, 3, 224, 224))
-    assert tuple(out.shape) == (2, ARCH_FEATURE_DIMS[arch])
+        trunk = a.build()
+        x = torch.empty(2, 3, 224, 224)
+        out = trunk(x)
+        maps = {stage: a.run_to(trunk, x, stage) for stage, _ in a.stages}
+    assert tuple(out.shape) == (2, a.feature_dim)
     assert not any(k.startswith(("fc.", "classifier.", "heads.", "head.")) for k in trunk.state_dict())
+    for stage, channels in a.stages:
+        assert maps[stage].ndim == 4 and maps[stage].shape[:2] == (2, channels), stage
 
 
-def test_specs_agree_with_their_arch() -> None:
+def test_specs_take_their_feature_size_from_the_arch() -> None:
     for name, spec in MODELS.items():
-        assert spec.feature_dim == ARCH_FEATURE_DIMS[spec.arch], name
+        assert spec.feature_dim == ARCHS.get(spec.arch).feature_dim, name
+
+
+@pytest.mark.parametrize("name,stage,shape", [
+    ("supervised-r18", "layer4", (512, 7, 7)), ("supervised-r18", "layer1", (64, 56, 56)),
+    ("supervised-r50", "layer3", (1024, 14, 14)), ("supervised-d121", "denseblock4", (1024, 7, 7)),
+    ("supervised-d121", "denseblock1", (256, 56, 56)), ("dinov2-vits14", "tokens", (384, 16, 16)),
+    ("supervised-vit-b16", "tokens", (768, 14, 14)),
+])
+def test_backbone_feature_api(name: str, stage: str, shape: tuple[int, ...]) -> None:
+    """pooled() is the paper's feature, feature_map() the unpooled stage; the last stage
+    average-pooled is the pooled feature for ResNets (for DenseNet after norm5 + ReLU)."""
+    import medxfer
+
+    model = medxfer.load_model(name, weights="random")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        fmap = model.feature_map(x, stage)
+        pooled = model.pooled(x)
+        layer = model.layer_features(x, stage)
+    assert tuple(fmap.shape[1:]) == shape
+    assert pooled.shape == (2, model.feature_dim) and layer.shape == (2, shape[0])
+    torch.testing.assert_close(layer, fmap.mean(dim=(-2, -1)))
+    if model.spec.arch.startswith("resnet") and stage == "layer4":
+        torch.testing.assert_close(pooled, fmap.mean(dim=(-2, -1)), rtol=1e-4, atol=1e-5)
+    if model.spec.arch.startswith("densenet") and stage == "denseblock4":
+        with torch.inference_mode():
+            after = torch.relu(model.trunk.features.norm5(fmap)).mean(dim=(-2, -1))
+        torch.testing.assert_close(pooled, after, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_stage_is_a_clear_error() -> None:
+    import medxfer
+    from medxfer.errors import UsageError
+
+    model = medxfer.load_model("test-tiny", weights="random")
+    with pytest.raises(UsageError, match="no stage 'layer9'.*block1, block2, block3"):
+        model.layer_dim("layer9")
 
 
 def test_vit_position_embedding_interpolation() -> None:

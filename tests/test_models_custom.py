@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from medxfer.models import (
-    MODELS, CheckpointError, ModelSpec, build_trunk, is_cached, load_model, load_model_file,
+    MODELS,
+    CheckpointError,
+    ModelSpec,
+    build_trunk,
+    is_cached,
+    load_model,
+    load_model_file,
     resolve_model_arg,
 )
 from medxfer.registry import Registry, UnknownNameError
@@ -132,7 +138,7 @@ def test_register_model_from_python(tmp_path: Path, r18: dict) -> None:
     torch.save(r18, path)
     import medxfer
 
-    medxfer.register_model(ModelSpec(name="py-model", arch="resnet18", family="custom", feature_dim=512,
+    medxfer.register_model(ModelSpec(name="py-model", arch="resnet18", family="custom",
                                      path=str(path), fmt="auto", drop=("fc.",)))
     assert _same(load_model("py-model").state_dict(), r18)
 
@@ -146,7 +152,7 @@ def test_entry_point_plugin_registers_models(monkeypatch: pytest.MonkeyPatch) ->
         def load(self):
             def hook(registry: Registry) -> None:
                 registry.register("plugin-r18", ModelSpec(name="plugin-r18", arch="resnet18", family="custom",
-                                                          feature_dim=512, fmt="none"))
+                                                          fmt="none"))
             return hook
 
     calls = []

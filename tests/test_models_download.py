@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, is_cached, load_model
-from medxfer.models.fetch import fetch
 from medxfer.models.download import ExpectedHash, download
 from medxfer.models.errors import DownloadError, HashMismatchError
+from medxfer.models.fetch import fetch
 
 
 class Server:
@@ -28,7 +28,7 @@ class Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 name = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 outer.requests.append((name, rng))

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medxfer.models import ARCH_FEATURE_DIMS, MODELS, build_trunk, is_cached, load_model
+from medxfer.models import ARCHS, MODELS, build_trunk, is_cached, load_model
 from medxfer.models.fetch import fetch
 from medxfer.models.spec import ModelSpec
 
@@ -71,7 +71,7 @@ def _linear(prefix: str, out_f: int, in_f: int, seed: int) -> SD:
 
 
 def _head_in(spec: ModelSpec) -> int:
-    return ARCH_FEATURE_DIMS[spec.arch]
+    return ARCHS.get(spec.arch).feature_dim
 
 
 def _prefixed(prefix: str, sd: SD) -> SD:
@@ -236,7 +236,7 @@ def fab_byol_haiku(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
 
 
 def fab_dinov2(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
-    return _save({**sd, "mask_token": torch.zeros(1, ARCH_FEATURE_DIMS[spec.arch])}, tmp / spec.filename)
+    return _save({**sd, "mask_token": torch.zeros(1, ARCHS.get(spec.arch).feature_dim)}, tmp / spec.filename)
 
 
 FABRICATORS: dict[str, Callable[[ModelSpec, SD, Path], Path]] = {
@@ -287,7 +287,7 @@ def test_loads_from_fabricated_original(name: str, tmp_path: Path) -> None:
     s = _input_size(spec.arch)
     x = torch.randint(0, 256, (1, 3, s, s), dtype=torch.uint8)
     feats = model.features(x)
-    assert feats.shape == (1, spec.feature_dim) == (1, ARCH_FEATURE_DIMS[spec.arch])
+    assert feats.shape == (1, spec.feature_dim) == (1, ARCHS.get(spec.arch).feature_dim)
     assert torch.isfinite(feats).all()
 
 
@@ -329,11 +329,11 @@ def test_native_normalisation_variant_shares_weights_not_features(tmp_path: Path
     assert is_cached(MODELS.get("moco-cxr-r18-native"))
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), native.state_dict().values()))
     assert native.spec.normalization == "chexpert"
-    assert base.weights_hash != native.weights_hash
+    assert base.weights_hash == native.weights_hash and base.fingerprint != native.fingerprint
     x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
     assert not torch.allclose(base.features(x), native.features(x))
     override = load_model("moco-cxr-r18", normalization="chexpert")
-    assert override.weights_hash == native.weights_hash
+    assert override.fingerprint == native.fingerprint
     assert torch.allclose(override.features(x), native.features(x))
 
 

@@ -7,8 +7,14 @@ import torch
 
 from medxfer.models import MODELS, load_model
 from medxfer.models.normalize import (
-    CHEXPERT_MEAN, CHEXPERT_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, get_normalizer,
-    histogram_equalize, histogram_equalize_covidprognosis,
+    CHEXPERT_MEAN,
+    CHEXPERT_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+    get_normalizer,
+    histogram_equalize,
+    histogram_equalize_covidprognosis,
 )
 
 
@@ -89,7 +95,7 @@ def test_every_spec_names_a_registered_normalisation() -> None:
 
 
 def test_normalisers_reject_float_input() -> None:
-    for name, fn in NORMALIZATIONS.items():
+    for _name, fn in NORMALIZATIONS.items():
         with pytest.raises(TypeError, match="uint8"):
             fn(torch.zeros(1, 3, 4, 4))
 

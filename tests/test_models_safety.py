@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from medxfer.models import MODELS, CheckpointError, UnsafeCheckpointError, build_trunk, load_model
-from medxfer.models.fetch import fetch
 from medxfer.models.checkpoint import (
-    drop_heads, keep_prefix, load_trunk_state, read_converted, read_torch, trunk_from_state,
+    drop_heads,
+    keep_prefix,
+    load_trunk_state,
+    read_converted,
+    read_torch,
+    trunk_from_state,
 )
+from medxfer.models.fetch import fetch
 from medxfer.models.safe_pickle import load_pickle
 
 

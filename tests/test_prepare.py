@@ -12,28 +12,17 @@ import pytest
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
-import medxfer.prepare as prep
 from medxfer.data.images import ImageReadError, open_image
 from medxfer.data.records import Dataset, DatasetInfo, Record
-from medxfer.prepare import PreparedImages, is_prepared, prepare, prepared_key
+from medxfer.prepare import PreparedImages, is_prepared, prepare, prepared_artifact, prepared_key
+from medxfer.testing import random_image_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_dataset(root: Path, n: int = 8, grey: bool = False, sizes: list[tuple[int, int]] | None = None,
                  fmt: str = "png", seed: int = 0) -> Dataset:
-    """Random images of varied shapes saved as files, alternating labels."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i in range(n):
-        w, h = sizes[i] if sizes else (40 + 7 * i, 30 + 5 * (i % 3))
-        shape = (h, w) if grey else (h, w, 3)
-        path = root / f"img{i}.{fmt}"
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
-        recs.append(Record(path=str(path), label=i % 2, split="train" if i % 4 else "test"))
-    info = DatasetInfo(name="toy", task="binary", class_names=("neg", "pos"), headline_metric="auroc")
-    return Dataset(info=info, records=recs, root=str(root))
+    return random_image_dataset(root, n, grey, sizes, fmt, seed)
 
 
 def reference(path: str, size: int, resize: str) -> np.ndarray:
@@ -60,7 +49,7 @@ def test_metadata_and_alignment(tmp_path: Path) -> None:
     p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=2, progress=False)
     assert isinstance(p, PreparedImages)
     assert p.records == ds.records and p.dataset == "toy" and p.class_names == ("neg", "pos")
-    assert p.headline_metric == "auroc" and p.meta["channels"] == 3
+    assert p.headline_metric == "auroc" and p.meta["channels"] == 3 and p.built
     np.testing.assert_array_equal(p.labels, [0, 1, 0, 1, 0, 1])
     assert list(p.splits) == ["test", "train", "train", "train", "test", "train"]
     assert p.path is not None and p.path.parent.name == "prepared" and p.path.name == p.key
@@ -106,55 +95,55 @@ def test_large_jpeg_reduced_decoding_close_to_full(tmp_path: Path) -> None:
     assert np.abs(p.array[0].astype(np.int16) - full).mean() < 4.0
 
 
-def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = prep.decode_record
-
-    def counting(path: str, *args, **kwargs):
-        calls.append(path)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(prep, "decode_record", counting)
-    return calls
-
-
-def test_cache_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_reused_and_invalidated(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path / "imgs", n=5)
-    calls = count_decodes(monkeypatch)
     assert not is_prepared(ds, 16, cache_dir=tmp_path / "c")
     p1 = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert len(calls) == 5 and is_prepared(ds, 16, cache_dir=tmp_path / "c")
+    assert p1.built and p1.meta["images_decoded"] == 5 and is_prepared(ds, 16, cache_dir=tmp_path / "c")
     p2 = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert len(calls) == 5 and p2.key == p1.key  # served from the cache
+    assert not p2.built and p2.key == p1.key  # served from the cache
     np.testing.assert_array_equal(p1.array, p2.array)
     assert prepared_key(ds, 24) != p1.key and prepared_key(ds, 16, "squash") != p1.key
-    # a replaced image changes the fingerprint, hence the key, and is decoded again
+    # a replaced image changes the files' fingerprint, hence the key, and is decoded again
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(ds.records[0].path)
     os.utime(ds.records[0].path, ns=(1, 1))
+    ds = Dataset(ds.info, ds.records, ds.root)  # a fresh load (fingerprints are computed once per Dataset)
     p3 = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert p3.key != p1.key and len(calls) == 10 and p3.array[0].max() == 0
+    assert p3.key != p1.key and p3.built and p3.meta["images_decoded"] == 5 and p3.array[0].max() == 0
 
 
-def test_interrupted_prepare_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_label_only_changes_reuse_the_decoded_images(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    ds = make_dataset(tmp_path / "imgs", n=4)
+    p1 = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    relabelled = Dataset(replace(ds.info, class_names=("a", "b")), [replace(r, label=1 - r.label) for r in ds.records],
+                         ds.root, options={"uncertain": "u_zeros"})
+    assert relabelled.fingerprint() != ds.fingerprint() and relabelled.files_fingerprint() == ds.files_fingerprint()
+    p2 = prepare(relabelled, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert not p2.built and p2.key == p1.key
+    assert p2.labels.tolist() == [1 - x for x in p1.labels.tolist()] and p2.class_names == ("a", "b")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_prepare_resumes(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path / "imgs", n=10)
     whole = prepare(ds, size=16, cache_dir=tmp_path / "ref", workers=1, progress=False)
-    monkeypatch.setattr(prep, "FLUSH_EVERY", 3)
-    real = prep.decode_record
-    calls: list[str] = []
 
-    def dying(path: str, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(path, *args, **kwargs)
+    def stop_at(done: int, total: int) -> None:
+        if done == 7:
+            raise Stop
 
-    monkeypatch.setattr(prep, "decode_record", dying)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert not is_prepared(ds, 16, cache_dir=tmp_path / "c")
-    calls2 = count_decodes(monkeypatch)
-    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert calls2 == [r.path for r in ds.records[7:]]  # the 7 finished ones are not redone
+    with pytest.raises(Stop):
+        prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False, checkpoint_every=3, on_progress=stop_at)
+    art = prepared_artifact(ds, 16, cache_dir=tmp_path / "c")
+    assert not art.complete and art.progress() == (7, 10)  # the interrupted image's batch was flushed on the way out
+    seen: list[int] = []
+    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False, on_progress=lambda d, t: seen.append(d))
+    assert seen == [8, 9, 10] and p.meta["images_decoded"] == 3  # the 7 finished ones are not redone
     np.testing.assert_array_equal(p.array, whole.array)
 
 
@@ -164,38 +153,49 @@ def test_killed_prepare_resumes_from_last_flush(tmp_path: Path) -> None:
     paths = [r.path for r in ds.records]
     script = textwrap.dedent(f"""
         import os
-        import medxfer.prepare as prep
         from medxfer.data.records import Dataset, DatasetInfo, Record
-        prep.FLUSH_EVERY = 4
-        real = prep.decode_record
-        calls = []
-        def dying(path, *a, **k):
-            calls.append(path)
-            if len(calls) == 7:
-                os._exit(3)
-            return real(path, *a, **k)
-        prep.decode_record = dying
+        from medxfer.prepare import prepare
         recs = [Record(p, i % 2, "train" if i % 4 else "test") for i, p in enumerate({paths!r})]
-        ds = Dataset(DatasetInfo("toy", "binary", ("neg", "pos"), headline_metric="auroc"), recs, {str(tmp_path / "imgs")!r})
-        prep.prepare(ds, size=16, cache_dir={str(tmp_path / "c")!r}, workers=1, progress=False)
+        ds = Dataset(DatasetInfo("toy", "binary", ("neg", "pos")), recs, "x")
+        def die(done, total):
+            if done == 7:
+                os._exit(3)
+        prepare(ds, size=16, cache_dir={str(tmp_path / "c")!r}, workers=1, progress=False, checkpoint_every=4,
+                on_progress=die)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
-    state = np.load(tmp_path / "c" / "prepared" / prepared_key(ds, 16) / "state.npy")
-    assert state.tolist() == [1] * 4 + [0] * 6
-    import medxfer.prepare as p_mod
-
-    calls: list[str] = []
-    real = p_mod.decode_record
-    try:
-        p_mod.decode_record = lambda path, *a, **k: (calls.append(path), real(path, *a, **k))[1]
-        p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    finally:
-        p_mod.decode_record = real
-    assert calls == paths[4:]
+    art = prepared_artifact(ds, 16, cache_dir=tmp_path / "c")
+    assert art.progress() == (4, 10) and not art.complete
+    seen: list[int] = []
+    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False, on_progress=lambda d, t: seen.append(d))
+    assert seen == list(range(5, 11))  # images 4..9 decoded again, 0..3 kept
     whole = prepare(ds, size=16, cache_dir=tmp_path / "ref", workers=1, progress=False)
     np.testing.assert_array_equal(p.array, whole.array)
+
+
+def test_truncated_or_overwritten_cache_is_detected_and_rebuilt(tmp_path: Path, caplog) -> None:
+    ds = make_dataset(tmp_path / "imgs", n=6)
+    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    good = np.array(p.array)
+    art = prepared_artifact(ds, 16, cache_dir=tmp_path / "c")
+    del p
+    with open(art.array_path, "r+b") as f:  # zero-fill the pixels, same size
+        f.seek(200)
+        f.write(b"\0" * 400)
+    with caplog.at_level("WARNING"):
+        again = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert "does not match its SHA-256" in caplog.text and again.built
+    np.testing.assert_array_equal(again.array, good)
+    del again
+    with open(art.array_path, "r+b") as f:
+        f.truncate(art.array_path.stat().st_size - 100)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        third = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert "truncated" in caplog.text and third.built
+    np.testing.assert_array_equal(third.array, good)
 
 
 def test_bad_image_error_names_file_and_record(tmp_path: Path) -> None:

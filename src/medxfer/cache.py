@@ -1,16 +1,32 @@
-"""Cache locations, content keys and atomic writes shared by every stage."""
+"""Cache locations, content keys, atomic writes, locks, and the one resumable array artifact.
+
+Every artifact (prepared images, features) is a :class:`ResumableArray`: a preallocated
+``.npy`` memmap filled row by row with a per-row state mask flushed periodically (a killed run
+resumes), a file lock so two processes never build it twice or corrupt it, and a completion
+marker written last that records the array's size and SHA-256 (a truncated or overwritten
+file is detected on use and rebuilt, never silently used).
+"""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medxfer.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "MEDXFER_CACHE"
 
@@ -21,10 +37,27 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "medxfer"
 
 
+def ensure_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Create ``path`` (and parents) and check it can be written; one clear :class:`OutputError`
+    naming it otherwise (a file in its place, a read-only file system, no permission)."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".medxfer-write-test.", delete=True)
+        probe.close()
+    except FileExistsError:
+        raise OutputError(f"{what} {p}: a file is in the way (need a folder)") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EROFS:
+            reason = "read-only file system"
+        raise OutputError(f"{what} {p}: cannot write there ({reason})") from None
+    return p
+
+
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The cache folder (created and checked writable)."""
+    return ensure_dir(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(), "cache folder")
 
 
 def content_key(*parts: Any, length: int = 16) -> str:
@@ -106,3 +139,252 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """An exclusive inter-process lock (``filelock``) on ``path``; logs once when it must wait
+    for another process (which is then building ``what``)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another medxfer process to finish %s", what)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- the resumable array
+
+STATE_TODO, STATE_DONE, STATE_FAILED = 0, 1, 2
+FULL_VERIFY_BYTES = 1 << 30  # arrays up to 1 GiB are checked against their full SHA-256 on use
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 256, 4096
+_VERIFIED: dict[tuple[str, int, int, int], bool] = {}  # (path, size, mtime_ns, inode) checked in this process
+
+
+class ArtifactError(OutputError):
+    """A cached artifact that is incomplete or corrupt (it is rebuilt)."""
+
+
+def sample_sha256(path: Path, size: int) -> str:
+    """SHA-256 of ``SAMPLE_BLOCKS`` blocks spread evenly over the file (first and last included):
+    a cheap check for large arrays that catches truncation-by-overwrite and zeroed regions."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = max(1, min(SAMPLE_BLOCKS, size // SAMPLE_BLOCK_BYTES))
+        for i in range(n):
+            f.seek(int(i * max(0, size - SAMPLE_BLOCK_BYTES) / max(1, n - 1)) if n > 1 else 0)
+            h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
+
+
+@dataclass
+class Partial:
+    """An artifact being built: ``array`` (writable memmap), ``state`` per row, ``notes`` (row ->
+    message for failed rows). Mark rows, then :meth:`flush` (also called every
+    ``checkpoint_every`` marked rows) makes them durable: pixels first, then the state."""
+
+    artifact: ResumableArray
+    array: np.ndarray
+    state: np.ndarray
+    notes: dict[str, str]
+    checkpoint_every: int
+    on_progress: Callable[[int, int], None] | None = None
+    _since_flush: int = 0
+
+    @property
+    def todo(self) -> np.ndarray:
+        return np.flatnonzero(self.state == STATE_TODO)
+
+    def mark(self, rows: Any, state: int = STATE_DONE, note: str | None = None) -> None:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        self.state[rows] = state
+        if note is not None:
+            for r in rows:
+                self.notes[str(int(r))] = note
+        self._since_flush += len(rows)
+        if self._since_flush >= self.checkpoint_every:
+            self.flush()
+        if self.on_progress is not None:
+            self.on_progress(int((self.state != STATE_TODO).sum()), len(self.state))
+
+    def flush(self) -> None:
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+        write_json_atomic(self.artifact.notes_path, self.notes)
+        save_npy_atomic(self.artifact.state_path, self.state)
+        self._since_flush = 0
+
+
+@dataclass
+class ResumableArray:
+    """A resumable, locked, checksummed array artifact in ``folder`` (see the module docstring).
+
+    Files: ``array.npy``, ``state.npy`` and ``notes.json`` while building, ``complete.json``
+    (the marker: meta, shape, dtype, size, SHA-256) once done, ``.lock``.
+    """
+
+    folder: Path
+    what: str
+
+    @property
+    def array_path(self) -> Path:
+        return self.folder / "array.npy"
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.npy"
+
+    @property
+    def notes_path(self) -> Path:
+        return self.folder / "notes.json"
+
+    @property
+    def marker_path(self) -> Path:
+        return self.folder / "complete.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / ".lock"
+
+    @property
+    def complete(self) -> bool:
+        return self.marker_path.is_file()
+
+    def marker(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.marker_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("%s: unreadable completion marker (%s)", self.what, exc)
+            return None
+
+    def progress(self) -> tuple[int, int | None]:
+        """(rows done, rows in all) without taking the lock; (0, None) when nothing exists yet."""
+        m = self.marker()
+        if m is not None:
+            return int(m["shape"][0]), int(m["shape"][0])
+        try:
+            state = np.load(self.state_path)
+        except (OSError, ValueError):
+            return 0, None
+        return int((state != STATE_TODO).sum()), int(state.size)
+
+    def verify(self, full: bool | None = None) -> str | None:
+        """None when the array matches its marker, else what is wrong. ``full``: hash the whole
+        file (default: for files up to :data:`FULL_VERIFY_BYTES`, else a sampled hash)."""
+        m = self.marker()
+        if m is None:
+            return "no completion marker"
+        try:
+            st = self.array_path.stat()
+        except OSError:
+            return f"{self.array_path.name} is missing"
+        if st.st_size != m["size"]:
+            return f"{self.array_path.name} has {st.st_size} bytes, the marker says {m['size']} (truncated?)"
+        full = st.st_size <= FULL_VERIFY_BYTES if full is None else full
+        memo = (str(self.array_path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if _VERIFIED.get(memo) and not full:
+            return None
+        if full:
+            if file_sha256(self.array_path) != m["sha256"]:
+                return f"{self.array_path.name} does not match its SHA-256 (modified or zero-filled?)"
+        elif sample_sha256(self.array_path, st.st_size) != m["sample_sha256"]:
+            return f"{self.array_path.name} does not match its sampled SHA-256 (modified or zero-filled?)"
+        _VERIFIED[memo] = True
+        return None
+
+    def load(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """(read-only memmap, meta) of a complete, verified artifact; None when it is not there.
+        A corrupt one is removed (with a warning) so that it gets rebuilt."""
+        if not self.complete:
+            return None
+        problem = self.verify()
+        if problem is not None:
+            log.warning("%s: %s; rebuilding it", self.what, problem)
+            self.discard()
+            return None
+        m = self.marker()
+        assert m is not None
+        array = np.load(self.array_path, mmap_mode="r")
+        if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
+            log.warning("%s: array has shape %s %s, the marker says %s %s; rebuilding it", self.what,
+                        array.shape, array.dtype, m["shape"], m["dtype"])
+            del array
+            self.discard()
+            return None
+        return array, dict(m["meta"])
+
+    def discard(self) -> None:
+        """Remove the marker and the data (the lock file stays)."""
+        for p in (self.marker_path, self.array_path, self.state_path, self.notes_path):
+            p.unlink(missing_ok=True)
+
+    def get_or_build(self, build: Callable[[ResumableArray], dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any], bool]:
+        """(array, meta, built here): the complete artifact, building it under the lock if needed
+        (another process building it meanwhile is waited for, not repeated)."""
+        loaded = self.load()
+        if loaded is not None:
+            return loaded[0], loaded[1], False
+        ensure_dir(self.folder, f"cache folder for {self.what}")
+        with file_lock(self.lock_path, self.what):
+            loaded = self.load()
+            if loaded is not None:
+                return loaded[0], loaded[1], False
+            build(self)
+        loaded = self.load()
+        if loaded is None:
+            raise ArtifactError(f"{self.what}: built but not readable at {self.folder}")
+        return loaded[0], loaded[1], True
+
+    def start(self, shape: tuple[int, ...], dtype: Any, *, checkpoint_every: int,
+              on_progress: Callable[[int, int], None] | None = None) -> Partial:
+        """Open the partial build (resuming a compatible one) or preallocate a new one. Call
+        under the lock (inside :meth:`get_or_build`)."""
+        dtype = np.dtype(dtype)
+        if self.array_path.is_file() and self.state_path.is_file():
+            try:
+                array = np.load(self.array_path, mmap_mode="r+")
+                state = np.load(self.state_path).astype(np.int8)
+                notes = json.loads(self.notes_path.read_text()) if self.notes_path.is_file() else {}
+                if array.shape == tuple(shape) and array.dtype == dtype and state.shape == (shape[0],):
+                    failed = {str(i) for i in np.flatnonzero(state == STATE_FAILED)}
+                    done = int((state != STATE_TODO).sum())
+                    if done:
+                        log.info("%s: resuming, %d of %d rows left", self.what, shape[0] - done, shape[0])
+                    return Partial(self, array, state, {k: v for k, v in notes.items() if k in failed},
+                                   checkpoint_every, on_progress)
+                log.warning("%s: partial build has another shape; starting again", self.what)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: unreadable partial build (%s); starting again", self.what, exc)
+        self.discard()
+        array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=tuple(shape))
+        state = np.zeros(shape[0], dtype=np.int8)
+        save_npy_atomic(self.state_path, state)
+        return Partial(self, array, state, {}, checkpoint_every, on_progress)
+
+    def finish(self, part: Partial, meta: dict[str, Any]) -> None:
+        """Flush, check every row is done or failed, and write the marker (size + SHA-256)."""
+        part.flush()
+        left = int((part.state == STATE_TODO).sum())
+        if left:
+            raise ArtifactError(f"{self.what}: {left} rows left undone")
+        shape, dtype = list(part.array.shape), str(part.array.dtype)
+        if isinstance(part.array, np.memmap):
+            part.array.flush()
+        del part.array
+        with open(self.array_path, "rb+") as f:
+            os.fsync(f.fileno())
+        size = self.array_path.stat().st_size
+        marker = {"meta": meta, "shape": shape, "dtype": dtype, "size": size,
+                  "sha256": file_sha256(self.array_path), "sample_sha256": sample_sha256(self.array_path, size),
+                  "created": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        write_json_atomic(self.marker_path, marker)
+        self.state_path.unlink(missing_ok=True)
+        self.notes_path.unlink(missing_ok=True)

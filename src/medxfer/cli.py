@@ -7,6 +7,7 @@ import logging
 import sys
 
 from medxfer.commands import COMMANDS
+from medxfer.errors import MedxferError
 
 VERB_MODULES = ("run", "ls", "validate", "report", "demo", "fetch")
 log = logging.getLogger("medxfer")
@@ -38,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:
+    """Log ``medxfer`` messages to stderr at INFO (``--quiet``: WARNING, which also hides every
+    progress bar; ``--verbose``: DEBUG). Only the ``medxfer`` logger is configured."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logger = logging.getLogger("medxfer")
+    for h in [h for h in logger.handlers if getattr(h, "_medxfer_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler._medxfer_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medxfer: interrupted; finished cells are saved and a re-run resumes", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        # our errors are ValueError/KeyError/RuntimeError subclasses with messages naming file, row or key
+    except MedxferError as exc:  # the user's input; anything else is a bug and keeps its traceback
         if args.verbose:
             raise
         print(f"medxfer {args.verb}: error: {exc}", file=sys.stderr)

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from medxfer.errors import SpecError
+from medxfer.typed import coerce, type_name
+
 GENERIC_KINDS = ("folder", "csv", "medmnist")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MIN_IMAGE_SIZE = 32  # five stride-2 stages of a ResNet need at least this much
 
-
-class SpecError(ValueError):
-    """A run spec (YAML, command line or Python) is invalid; the message says which field."""
+__all__ = ["DatasetArg", "RunSpec", "SpecError"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class DatasetArg:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "DatasetArg":
+    def parse(cls, text: str) -> DatasetArg:
         """Parse ``NAME=PATH`` or ``LABEL=KIND:PATH`` (KIND in folder, csv, medmnist)."""
         if "=" not in text:
             raise SpecError(f"--dataset {text!r}: expected NAME=PATH or LABEL=folder:PATH / csv:FILE / medmnist:FILE")
@@ -52,40 +55,64 @@ class DatasetArg:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that defines a run. Cells = models x datasets x protocols x seeds."""
+    """Everything that defines a run. Cells = models x datasets x protocols x seeds.
+
+    Every field is checked for its type and range when the spec is made (from YAML, the
+    command line or Python alike); a bad value is one :class:`SpecError` naming the field.
+    """
 
     models: tuple[str, ...]
     datasets: tuple[DatasetArg, ...]
     protocols: tuple[str, ...] = ("fewshot",)
     protocol_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
-    weights: str = "pretrained"  # "pretrained" | "random" | "auto" (pretrained if cached, else random)
+    weights: Literal["pretrained", "random", "auto"] = "pretrained"  # auto: pretrained if cached, else random
     out: str = "medxfer-out"
     cache_dir: str | None = None
     device: str | None = None  # None = cuda if available, else cpu
     batch_size: int | None = None  # extraction batch; None = chosen for the device
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast for extraction)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for extraction
     image_size: int = 224
-    resize: str = "aspect"  # "aspect" (correct) | "squash" (the authors' few-shot compat)
-    compat: str = "none"  # "none" | "paper"
+    resize: Literal["aspect", "squash"] = "aspect"  # aspect (correct) | squash (the authors' few-shot compat)
+    compat: Literal["none", "paper"] = "none"
     skip_bad: bool = False
     workers: int | None = None  # decoding workers; None = all cores
+    executor: str = "local"  # where cells run (see medxfer.executors)
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            given = value = getattr(self, f.name)
+            if f.name in ("models", "protocols", "seeds") and isinstance(value, (str, int)) \
+                    and not isinstance(value, bool):
+                value = (value,)
+            if f.name == "datasets":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(d, DatasetArg) for d in value):
+                    raise SpecError("datasets: expected a list of NAME=PATH entries")
+                value = tuple(value)
+            else:
+                try:
+                    value = coerce(value, hints[f.name])
+                except TypeError as exc:
+                    raise SpecError(f"{f.name}: {given!r}: {exc} (type {type_name(hints[f.name])})") from None
+            object.__setattr__(self, f.name, value)
         if not self.models:
             raise SpecError("models: give at least one model")
         if not self.datasets:
             raise SpecError("datasets: give at least one dataset")
         if not self.protocols:
             raise SpecError("protocols: give at least one protocol")
-        if self.weights not in ("pretrained", "random", "auto"):
-            raise SpecError(f"weights: {self.weights!r} is not 'pretrained', 'random' or 'auto'")
-        if self.compat not in ("none", "paper"):
-            raise SpecError(f"compat: {self.compat!r} is not 'none' or 'paper'")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise SpecError(f"precision: {self.precision!r} is not fp32, bf16 or fp16")
-        if self.resize not in ("aspect", "squash"):
-            raise SpecError(f"resize: {self.resize!r} is not 'aspect' or 'squash'")
+        if not self.seeds:
+            raise SpecError("seeds: give at least one seed")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise SpecError(f"batch_size: {self.batch_size} must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise SpecError(f"workers: {self.workers} must be 0 or more")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise SpecError(f"image_size: {self.image_size} is too small (at least {MIN_IMAGE_SIZE} pixels)")
+        for proto, params in self.protocol_params.items():
+            if not isinstance(params, dict):
+                raise SpecError(f"protocol_params.{proto}: expected a mapping of parameter: value")
         labels = [d.label for d in self.datasets]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
@@ -100,39 +127,40 @@ class RunSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "RunSpec":
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> RunSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"{where}: a run spec must be a mapping")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         d = dict(data)
         ds = d.get("datasets", [])
+        if not isinstance(ds, list):
+            raise SpecError(f"{where}: datasets: expected a list of NAME=PATH entries or mappings")
         parsed = []
         for i, item in enumerate(ds):
             if isinstance(item, str):
                 parsed.append(DatasetArg.parse(os.path.expandvars(item)))
             elif isinstance(item, dict):
                 try:
-                    parsed.append(DatasetArg(label=item["label"], kind=item.get("kind", item["label"]),
-                                             root=os.path.expandvars(str(item["root"])), options=dict(item.get("options", {}))))
+                    parsed.append(DatasetArg(label=str(item["label"]), kind=str(item.get("kind", item["label"])),
+                                             root=os.path.expandvars(str(item["root"])),
+                                             options=dict(item.get("options") or {})))
                 except KeyError as exc:
                     raise SpecError(f"{where}: datasets[{i}] lacks {exc.args[0]!r}") from None
             else:
                 raise SpecError(f"{where}: datasets[{i}] must be 'NAME=PATH' or a mapping")
         d["datasets"] = tuple(parsed)
-        for key in ("models", "protocols", "seeds"):
-            if key in d:
-                val = d[key]
-                if isinstance(val, (str, int)):
-                    val = [val]
-                d[key] = tuple(val)
         try:
             return cls(**d)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}") from None
         except TypeError as exc:
             raise SpecError(f"{where}: {exc}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> "RunSpec":
+    def from_yaml(cls, path: str | os.PathLike[str]) -> RunSpec:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:
@@ -141,5 +169,6 @@ class RunSpec:
             raise SpecError(f"{path}: a run spec must be a mapping")
         return cls.from_dict(data, where=str(path))
 
-    def with_(self, **changes: Any) -> "RunSpec":
+    def with_(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
+

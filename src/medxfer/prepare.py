@@ -7,14 +7,12 @@ Large JPEGs are decoded at reduced size (``Image.draft``), greyscale stays one c
 the whole dataset is greyscale. One prepared array serves every model; normalisation happens
 per model on the device.
 
-Cache layout under ``<cache>/prepared/<key>/``: ``images.npy`` (N x S x S x C uint8, written
-in place as a memmap), ``state.npy`` (per-record int8: 0 to do, 1 done, 2 bad; saved
-atomically after every flushed chunk so a killed run resumes), ``problems.json`` (messages of
-bad records) and ``meta.json`` (written atomically last: its presence marks completion).
+The array is a :class:`~medxfer.cache.ResumableArray` under ``<cache>/prepared/<key>/``; its
+key covers the image files (paths, sizes, modification times, in record order) and the
+transform only, so options that change labels alone reuse the decoded images.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,11 +24,18 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from medxfer.cache import content_key, resolve_cache_dir, save_npy_atomic, write_json_atomic
+from medxfer.cache import (
+    STATE_DONE,
+    STATE_FAILED,
+    ResumableArray,
+    content_key,
+    resolve_cache_dir,
+)
 from medxfer.data.images import ImageReadError, image_channels, open_image
-from medxfer.data.records import Dataset, Record
+from medxfer.data.records import Dataset, DatasetInfo, Record
+from medxfer.errors import UsageError
+from medxfer.progress import bar
 from medxfer.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -38,9 +43,7 @@ log = logging.getLogger(__name__)
 # Bump when decoding/resizing changes in a way that changes prepared pixels.
 DECODER_VERSION = "1"
 SQUASH_REFERENCE = (257, 224)  # the authors' squash: 257 -> crop 224
-FLUSH_EVERY = 512  # records decoded between flushes of the memmap and the resume state
-
-STATE_TODO, STATE_DONE, STATE_BAD = 0, 1, 2
+CHECKPOINT_EVERY = 512  # records decoded between flushes of the memmap and the resume state
 
 
 @dataclass
@@ -48,9 +51,10 @@ class PreparedImages:
     """Decoded, resized, centre-cropped images aligned row for row with ``records``.
 
     ``array`` is N x S x S x C uint8 (C = 1 for an all-greyscale dataset, else 3), usually a
-    read-only memmap. ``key`` hashes everything that determines the content (dataset
-    fingerprint, size, resize mode, decoder version). ``bad`` lists record indices that
-    could not be decoded (only with ``skip_bad``; their rows are zeros).
+    read-only memmap. ``key`` hashes the image files and the transform. ``info`` is the
+    dataset's (class names, headline metric; None for arrays built by hand). ``bad`` lists
+    record indices that could not be decoded (only with ``skip_bad``; their rows are zeros).
+    ``built`` says whether this call decoded them (False: read from the cache).
     """
 
     array: np.ndarray
@@ -58,10 +62,10 @@ class PreparedImages:
     key: str
     path: Path | None
     size: int
-    class_names: tuple[str, ...] = ()
-    dataset: str = ""
+    info: DatasetInfo | None = None
     bad: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    built: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,8 +83,18 @@ class PreparedImages:
         return np.array([r.split for r in self.records], dtype=object)
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        if self.info is not None:
+            return tuple(self.info.class_names)
+        return tuple(str(c) for c in range(int(self.labels.max()) + 1)) if self.records else ()
+
+    @property
+    def dataset(self) -> str:
+        return self.info.name if self.info is not None else ""
+
+    @property
     def headline_metric(self) -> str:
-        return str(self.meta.get("headline_metric", "accuracy"))
+        return self.info.headline_metric if self.info is not None else "accuracy"
 
 
 # --------------------------------------------------------------------------- transforms
@@ -139,32 +153,29 @@ def _decode_task(path: str, size: int, resize: str, channels: int) -> tuple[np.n
 
 # --------------------------------------------------------------------------- keys and cache
 
-def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect", fingerprint: str | None = None) -> str:
-    """The cache key of ``prepare(dataset, size=size, resize=resize)``.
+def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> str:
+    """The cache key of ``prepare(dataset, size=size, resize=resize)``: the image files (paths,
+    sizes, modification times, in record order) and the transform, nothing else.
 
-    Channels are not a separate part: they are a function of the image files, which the
-    dataset fingerprint already covers (path, size, mtime of every file), and reading every
-    header just to look the cache up would cost more than the lookup on a large dataset.
+    Channels are not a separate part: they are a function of the image files, and reading
+    every header just to look the cache up would cost more than the lookup on a large dataset.
     """
     RESIZES.get(resize)
-    fp = dataset.fingerprint() if fingerprint is None else fingerprint
-    return content_key("prepared", fp, int(size), resize, DECODER_VERSION)
+    return content_key("prepared", dataset.files_fingerprint(), int(size), resize, DECODER_VERSION)
 
 
-def prepare_dir_for(key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache folder of the prepared array with ``key``."""
-    return resolve_cache_dir(cache_dir) / "prepared" / key
-
-
-def prepared_dir(dataset: Dataset, size: int = 224, resize: str = "aspect",
-                 cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    return prepare_dir_for(prepared_key(dataset, size, resize), cache_dir)
+def prepared_artifact(dataset: Dataset, size: int = 224, resize: str = "aspect",
+                      cache_dir: str | os.PathLike[str] | None = None) -> ResumableArray:
+    """The cache artifact of this dataset's prepared images (ask it ``progress()``, ``complete``)."""
+    key = prepared_key(dataset, size, resize)
+    return ResumableArray(resolve_cache_dir(cache_dir) / "prepared" / key,
+                          f"prepared images of {dataset.info.name} ({size}px, {resize})")
 
 
 def is_prepared(dataset: Dataset, size: int = 224, resize: str = "aspect",
                 cache_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether a complete prepared array for this dataset and transform is cached."""
-    return (prepared_dir(dataset, size, resize, cache_dir) / "meta.json").is_file()
+    return prepared_artifact(dataset, size, resize, cache_dir).complete
 
 
 def default_workers() -> int:
@@ -195,94 +206,74 @@ def prepare(
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     skip_bad: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     executor: str = "thread",
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PreparedImages:
-    """Decode every image of ``dataset`` once into a cached uint8 memmap (resumable).
+    """Decode every image of ``dataset`` once into a cached uint8 memmap (resumable, locked).
 
     ``workers``: decoding workers (None = all cores; 0 or 1 = in this thread). ``executor``:
     ``"thread"`` (Pillow releases the GIL while decoding and resizing) or ``"process"``.
+    ``progress``: a bar (None: when the ``medxfer`` logger shows INFO). ``checkpoint_every``:
+    images between durable flushes; ``on_progress(done, total)`` is called after every image.
     A bad image raises :class:`ImageReadError` naming the file and record index, or with
     ``skip_bad`` is recorded in ``bad`` / ``meta["problems"]`` and left as zeros.
     """
     if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
+        raise UsageError(f"size must be positive, got {size}")
     if executor not in _EXECUTORS:
-        raise ValueError(f"executor must be one of {sorted(_EXECUTORS)}, got {executor!r}")
+        raise UsageError(f"executor must be one of {sorted(_EXECUTORS)}, got {executor!r}")
     n = len(dataset.records)
     if n == 0:
-        raise ValueError(f"dataset {dataset.info.name!r} has no records to prepare")
-    workers = default_workers() if workers is None else max(0, int(workers))
-    fingerprint = dataset.fingerprint()  # stats every file: once per call
-    key = prepared_key(dataset, size, resize, fingerprint)
-    out = prepare_dir_for(key, cache_dir)
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        prepared = _load(dataset, out, key, size)
-        _check_bad(prepared, skip_bad)
-        log.info("prepared %s: cached at %s", dataset.info.name, out)
-        return prepared
+        raise UsageError(f"dataset {dataset.info.name!r} has no records to prepare")
+    n_workers = default_workers() if workers is None else max(0, int(workers))
+    art = prepared_artifact(dataset, size, resize, cache_dir)
 
-    out.mkdir(parents=True, exist_ok=True)
-    images_path, state_path, problems_path = out / "images.npy", out / "state.npy", out / "problems.json"
-    array, state, problems = _open_partial(images_path, state_path, problems_path, n, size)
-    if array is None:
-        channels = dataset_channels(dataset.records, workers)
-        array = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, size, size, channels))
-        state = np.zeros(n, dtype=np.int8)
-        problems = {}
-        save_npy_atomic(state_path, state)
-    channels = int(array.shape[-1])
-    todo = np.flatnonzero(state == STATE_TODO)
-    if len(todo) < n:
-        log.info("prepared %s: resuming, %d of %d images left", dataset.info.name, len(todo), n)
+    def build(a: ResumableArray) -> dict[str, Any]:
+        channels = dataset_channels(dataset.records, n_workers)
+        part = a.start((n, size, size, channels), np.uint8, checkpoint_every=checkpoint_every,
+                       on_progress=on_progress)
+        channels = int(part.array.shape[-1])
+        todo = part.todo
+        t0 = time.perf_counter()
+        paths = [dataset.records[i].path for i in todo]
+        steps = bar(total=n, initial=n - len(todo), desc=f"prepare {dataset.info.name}", unit="img", enabled=progress)
+        try:
+            for i, (img, err) in zip(todo, _decode_all(paths, size, resize, channels, n_workers, executor)):
+                if err is not None:
+                    if not skip_bad:
+                        raise ImageReadError(f"record {int(i)} of dataset {dataset.info.name!r}: {err}")
+                    part.array[i] = 0
+                    part.mark(i, STATE_FAILED, err)
+                else:
+                    part.array[i] = img
+                    part.mark(i, STATE_DONE)
+                steps.update(1)
+        finally:
+            steps.close()
+            part.flush()
+        seconds = time.perf_counter() - t0
+        bad = [int(i) for i in np.flatnonzero(part.state == STATE_FAILED)]
+        meta = {
+            "n": n, "size": size, "resize": resize, "channels": channels, "decoder_version": DECODER_VERSION,
+            "files_fingerprint": dataset.files_fingerprint(), "first_dataset": dataset.info.name,
+            "bad": bad, "problems": [f"record {i}: {part.notes[str(i)]}" for i in bad],
+            "seconds": round(seconds, 3), "images_decoded": int(len(todo)),
+            "workers": n_workers, "executor": executor,
+        }
+        a.finish(part, meta)
+        log.info("prepared %s: %d images decoded in %.1fs -> %s", dataset.info.name, len(todo), seconds, a.folder)
+        return meta
 
-    t0 = time.perf_counter()
-    paths = [dataset.records[i].path for i in todo]
-    bar = tqdm(total=n, initial=n - len(todo), desc=f"prepare {dataset.info.name}", unit="img",
-               disable=not progress, leave=False)
-    try:
-        since_flush = 0
-        for i, (img, err) in zip(todo, _decode_all(paths, size, resize, channels, workers, executor)):
-            if err is not None:
-                if not skip_bad:
-                    raise ImageReadError(f"record {int(i)} of dataset {dataset.info.name!r}: {err}")
-                array[i] = 0
-                state[i] = STATE_BAD
-                problems[str(int(i))] = err
-            else:
-                array[i] = img
-                state[i] = STATE_DONE
-            since_flush += 1
-            bar.update(1)
-            if since_flush >= FLUSH_EVERY:
-                _flush(array, state, problems, state_path, problems_path)
-                since_flush = 0
-    finally:
-        bar.close()
-        _flush(array, state, problems, state_path, problems_path)
-    seconds = time.perf_counter() - t0
-
-    if (state == STATE_TODO).any():  # cannot happen unless the state file was tampered with
-        raise RuntimeError(f"prepare {dataset.info.name}: {(state == STATE_TODO).sum()} images left undone")
-    bad = [int(i) for i in np.flatnonzero(state == STATE_BAD)]
-    meta = {
-        "dataset": dataset.info.name,
-        "fingerprint": fingerprint,
-        "n": n, "size": size, "resize": resize, "channels": channels,
-        "decoder_version": DECODER_VERSION,
-        "class_names": list(dataset.info.class_names),
-        "headline_metric": dataset.info.headline_metric,
-        "bad": bad,
-        "problems": [f"record {i}: {problems[str(i)]}" for i in bad],
-        "seconds": round(seconds, 3),
-        "images_decoded": int(len(todo)),
-        "workers": workers, "executor": executor,
-    }
-    del array
-    write_json_atomic(meta_path, meta)
-    log.info("prepared %s: %d images in %.1fs -> %s", dataset.info.name, len(todo), seconds, out)
-    prepared = _load(dataset, out, key, size)
+    array, meta, built = art.get_or_build(build)
+    if not built:
+        log.info("prepared %s: cached at %s", dataset.info.name, art.folder)
+    if array.shape[:3] != (n, size, size):
+        raise UsageError(f"{art.folder}: cached prepared array has shape {array.shape}, "
+                         f"expected {n} x {size} x {size}")
+    prepared = PreparedImages(array=array, records=list(dataset.records), key=art.folder.name, path=art.folder,
+                              size=size, info=dataset.info, bad=list(meta.get("bad", [])), meta=meta, built=built)
     _check_bad(prepared, skip_bad)
     return prepared
 
@@ -318,48 +309,6 @@ def _thread_pool(workers: int) -> Executor:
 
 
 _EXECUTORS: dict[str, Callable[[int], Executor]] = {"thread": _thread_pool, "process": _process_pool}
-
-
-def _flush(array: np.ndarray, state: np.ndarray, problems: dict[str, str], state_path: Path,
-           problems_path: Path) -> None:
-    """Pixels to disk first, then the messages, then the state that declares them done."""
-    if isinstance(array, np.memmap):
-        array.flush()
-    write_json_atomic(problems_path, problems)
-    save_npy_atomic(state_path, state)
-
-
-def _open_partial(images_path: Path, state_path: Path, problems_path: Path, n: int,
-                  size: int) -> tuple[np.ndarray | None, np.ndarray, dict[str, str]]:
-    """Reopen an interrupted prepare, or (None, ...) when there is nothing usable."""
-    empty = np.zeros(n, dtype=np.int8)
-    if not (images_path.is_file() and state_path.is_file()):
-        return None, empty, {}
-    try:
-        array = np.load(images_path, mmap_mode="r+")
-        state = np.load(state_path)
-        problems = json.loads(problems_path.read_text()) if problems_path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable partial prepare (%s); starting again", images_path.parent, exc)
-        return None, empty, {}
-    if array.shape[:3] != (n, size, size) or state.shape != (n,):
-        log.warning("%s: partial prepare has the wrong shape; starting again", images_path.parent)
-        return None, empty, {}
-    done_bad = {str(i) for i in np.flatnonzero(state == STATE_BAD)}
-    return array, state.astype(np.int8), {k: v for k, v in problems.items() if k in done_bad}
-
-
-def _load(dataset: Dataset, out: Path, key: str, size: int) -> PreparedImages:
-    meta = json.loads((out / "meta.json").read_text())
-    array = np.load(out / "images.npy", mmap_mode="r")
-    if array.shape[:3] != (len(dataset.records), size, size):
-        raise RuntimeError(f"{out}: cached prepared array has shape {array.shape}, "
-                           f"expected {len(dataset.records)} x {size} x {size}; delete the folder")
-    return PreparedImages(
-        array=array, records=list(dataset.records), key=key, path=out, size=size,
-        class_names=tuple(dataset.info.class_names), dataset=dataset.info.name,
-        bad=list(meta.get("bad", [])), meta=meta,
-    )
 
 
 def _check_bad(prepared: PreparedImages, skip_bad: bool) -> None:

@@ -13,16 +13,13 @@ from collections.abc import Iterator
 from importlib import metadata
 from typing import Generic, TypeVar
 
+from medxfer.errors import UnknownNameError, UsageError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-class UnknownNameError(KeyError):
-    """A name that is not registered; the message suggests close matches."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
-        return str(self.args[0])
+__all__ = ["Registry", "UnknownNameError"]
 
 
 class Registry(Generic[T]):
@@ -43,15 +40,22 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` (and ``aliases``); refuse silent overwrites."""
         key = self._norm(name)
         if not overwrite and (key in self._items or key in self._aliases):
-            raise ValueError(f"{self.kind} {name!r} is already registered")
+            raise UsageError(f"{self.kind} {name!r} is already registered")
         self._items[key] = obj
         for alias in aliases:
             a = self._norm(alias)
             if a != key:
                 if not overwrite and (a in self._items or a in self._aliases):
-                    raise ValueError(f"{self.kind} alias {alias!r} is already registered")
+                    raise UsageError(f"{self.kind} alias {alias!r} is already registered")
                 self._aliases[a] = key
         return obj
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and its aliases (plugins and tests that register temporarily)."""
+        key = self.canonical(name)
+        for alias in [a for a, k in self._aliases.items() if k == key]:
+            del self._aliases[alias]
+        return self._items.pop(key)
 
     def _load_plugins(self) -> None:
         if self._plugins_loaded or self.entry_point_group is None:

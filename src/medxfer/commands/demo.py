@@ -45,18 +45,20 @@ def run(args: argparse.Namespace) -> int:
     spec = RunSpec(models=tuple(models), datasets=tuple(datasets), protocols=tuple(preset["protocols"]),
                    seeds=tuple(preset["seeds"]), weights=args.weights or preset["weights"], out=str(out),
                    cache_dir=args.cache_dir)
-    outcome = run_pipeline(spec, progress=not args.quiet)
-    print(outcome.summary)
+    outcome = run_pipeline(spec)
+    from medxfer.commands.run import report_outcome
+
+    status = report_outcome(outcome)
     print("Data: synthetic images with class-dependent structure, written in the official layouts of "
           + ", ".join(d.label for d in datasets) + f" under {out / 'data'}.")
-    weights = {r["model"]: r["model_info"]["weights"] for r in outcome.results}
+    weights = {r.model: r.model_info.weights for r in outcome.results}
     for m, w in weights.items():
         note = " (RANDOM weights: no pretrained weights in the cache; run `medxfer fetch " + m + "` online)" \
             if w.startswith("random") else ""
         print(f"Weights of {m}: {w}{note}")
     print(f"Report: {outcome.summary_path}  (result JSONs in {out / 'results'})")
     print(f"Demo finished in {time.perf_counter() - t0:.1f} s.", file=sys.stderr)
-    return 0
+    return status
 
 
 register_command(Command("demo", "run the few-shot benchmark on built-in synthetic datasets (no downloads)",

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from medxfer.commands import Command, register_command
+from medxfer.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medxfer.models import MODELS, resolve_model_arg
-    from medxfer.models.errors import CheckpointError, DownloadError, WeightsUnavailableError
+    from medxfer.models.errors import (
+        CheckpointError,
+        DownloadError,
+        WeightsUnavailableError,
+    )
     from medxfer.models.fetch import fetch
 
     names = [resolve_model_arg(n) for n in args.names]
     if args.paper:
         names += [n for n, s in MODELS.items() if s.in_paper and n not in names]
     if not names:
-        raise ValueError("name at least one model (or --paper); `medxfer ls models` lists them")
+        raise UsageError("name at least one model (or --paper); `medxfer ls models` lists them")
     if args.source and len(names) != 1:
-        raise ValueError(f"--from converts one file for one model, got {len(names)} names")
+        raise UsageError(f"--from converts one file for one model, got {len(names)} names")
     failed = 0
     for name in names:
         try:

@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from typing import Any
 
 from medxfer.commands import Command, register_command
+from medxfer.typed import type_name
+
+
+def settings_rows(cls: type) -> list[dict[str, Any]]:
+    """name, type, default, help (and whether it is execution-only) of a settings dataclass."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+                     "help": f.metadata.get("help", ""), "execution_only": bool(f.metadata.get("execution"))})
+    return rows
 
 
 def _models(cache_dir: str | None) -> list[dict[str, Any]]:
@@ -24,7 +38,7 @@ def _models(cache_dir: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _datasets() -> list[dict[str, Any]]:
+def _datasets(cache_dir: str | None = None) -> list[dict[str, Any]]:
     from medxfer.data import DATASETS
 
     rows = []
@@ -34,23 +48,26 @@ def _datasets() -> list[dict[str, Any]]:
             "name": name, "generic": ad.generic, "task": i.task, "classes": list(i.class_names),
             "modality": i.modality, "in_domain": i.in_domain, "expected_images": i.expected_images,
             "fewshot": f"{i.fewshot_way}-way {i.fewshot_shot}-shot", "headline_metric": i.headline_metric,
-            "options": ad.options, "licence": i.licence, "layout": i.layout,
+            "options": settings_rows(ad.options), "licence": i.licence, "layout": i.layout,
         })
     return rows
 
 
-def _protocols() -> list[dict[str, Any]]:
+def _protocols(cache_dir: str | None = None) -> list[dict[str, Any]]:
     from medxfer.protocols import PROTOCOLS
 
-    return [{"name": n, "needs": p.needs, "version": p.version, "defaults": p.defaults,
-             "compat": sorted(p.compat), "description": p.description} for n, p in PROTOCOLS.items()]
+    return [{"name": n, "version": p.version, "needs": dataclasses.asdict(p.needs),
+             "uses": ", ".join([*(f"features:{x}" for x in p.needs.features), *(["images"] if p.needs.images else []),
+                               *(["model"] if p.needs.model else [])]) + f" ({p.needs.accelerator})",
+             "params": settings_rows(p.params), "compat": sorted(p.compat), "description": p.description}
+            for n, p in PROTOCOLS.items()]
 
 
 LISTERS = {"models": _models, "datasets": _datasets, "protocols": _protocols}
 COLUMNS = {
     "models": ("name", "arch", "family", "feature_dim", "normalization", "imagenet_top1", "cached", "licence"),
     "datasets": ("name", "task", "modality", "expected_images", "fewshot", "headline_metric", "layout"),
-    "protocols": ("name", "needs", "version", "description"),
+    "protocols": ("name", "uses", "version", "description"),
 }
 
 
@@ -70,7 +87,7 @@ def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     lister = LISTERS[args.what]
-    rows = lister(args.cache_dir) if args.what == "models" else lister()
+    rows = lister(args.cache_dir)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:

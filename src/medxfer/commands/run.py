@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=["aspect", "squash"], help="aspect (default) or the authors' squash")
     p.add_argument("--workers", type=int, help="decoding workers (default: all cores)")
     p.add_argument("--cache-dir", help="cache folder (default $MEDXFER_CACHE or ~/.cache/medxfer)")
-    p.add_argument("--plan", action="store_true", help="print the grid, what is cached and a time estimate; run nothing")
+    p.add_argument("--plan", action="store_true", help="print the grid, what is cached and a time estimate; "
+                                                       "run and download nothing")
 
 
 def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]:
@@ -120,17 +121,28 @@ def _resolve_model(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.plan:
-        from medxfer.plan import describe_plan
+        from medxfer.plan import make_plan
 
-        print(describe_plan(spec))
-        return 0
+        plan = make_plan(spec)
+        print(plan.text)
+        return 0 if plan.runnable else 1
     from medxfer.pipeline import run as run_pipeline
 
-    outcome = run_pipeline(spec, progress=not args.quiet)
-    print(outcome.summary)
-    print(f"computed {len(outcome.computed)} cell(s), reused {len(outcome.reused)}; "
-          f"results in {outcome.out / 'results'}, summary in {outcome.summary_path}", file=sys.stderr)
-    return 0
+    outcome = run_pipeline(spec)
+    return report_outcome(outcome)
+
+
+def report_outcome(outcome: Any) -> int:
+    """Print the summary and what happened to every cell; 1 when some cell failed."""
+    if outcome.summary:
+        print(outcome.summary)
+    where = (f"; results in {outcome.out / 'results'}, summary in {outcome.summary_path}"
+             if outcome.summary_path else "; nothing was written")
+    print(f"computed {len(outcome.computed)} cell(s), reused {len(outcome.reused)}, failed "
+          f"{len(outcome.failed)}{where}", file=sys.stderr)
+    for o in outcome.failed:
+        print(f"FAILED {o.cell.describe()}: {o.error}", file=sys.stderr)
+    return 1 if outcome.failed else 0
 
 
 register_command(Command("run", "evaluate models x datasets x protocols and write results", add_arguments, run))

@@ -10,6 +10,7 @@ import yaml
 from medxfer.commands import Command, register_command
 from medxfer.config import DatasetArg
 from medxfer.data.records import DatasetError
+from medxfer.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     for item in args.option:
         k, eq, v = item.partition("=")
         if not eq:
-            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
         options[k] = yaml.safe_load(v)
     try:
         ds = validate_dataset(arg.kind, arg.root, skip_bad=args.skip_bad,

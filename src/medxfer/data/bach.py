@@ -11,13 +11,16 @@ the class folders alphabetically instead: benign, insitu, invasive, normal).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medxfer.data.build import default_split_fn, finish_dataset
-from medxfer.data.common import Issues, is_image, option_choice, read_csv_rows
+from medxfer.data.common import Issues, is_image, read_csv_rows
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import paper_80_20
+from medxfer.typed import setting
 
 CLASSES = ("Normal", "Benign", "InSitu", "Invasive")
 INFO = DatasetInfo(
@@ -26,7 +29,11 @@ INFO = DatasetInfo(
     citation=("Aresta G, Araujo T, Kwok S, et al. BACH: Grand challenge on breast cancer histology "
               "images. Medical Image Analysis 56 (2019) 122-139."),
     fewshot_way=2, layout="ICIAR2018_BACH_Challenge/ (with Photos/{Normal,Benign,InSitu,Invasive}/*.tif)")
-OPTIONS = {"layout": "auto", "split": "default", "seed": 0}
+
+
+@dataclass(frozen=True)
+class BachOptions(DatasetOptions):
+    layout: Literal["auto", "official", "converted"] = setting("auto", help="which layout to read")
 
 
 def _photos_dir(root: Path) -> Path | None:
@@ -82,10 +89,9 @@ def _read_converted(base: Path) -> list[Record]:
     return records
 
 
-def load_bach(root: Path, *, skip_bad: bool = False, layout: str = "auto", split: str = "default",
-              seed: int = 0) -> Dataset:
+def load_bach(root: Path, o: BachOptions, skip_bad: bool = False) -> Dataset:
     """Read BACH in its official or converted layout (see the module docstring)."""
-    option_choice("layout", layout, ("auto", "official", "converted"))
+    layout = o.layout
     issues = Issues("bach", skip_bad)
     photos = _photos_dir(root) if layout in ("auto", "official") else None
     converted = _converted_dir(root) if layout in ("auto", "converted") and photos is None else None
@@ -98,8 +104,8 @@ def load_bach(root: Path, *, skip_bad: bool = False, layout: str = "auto", split
                 "converted": "dataset/{normal,benign,insitu,invasive}_jpg/"}
         expected = " or ".join(v for k, v in want.items() if layout in ("auto", k))
         raise DatasetError(f"{root}: not a BACH folder (expected {expected})")
-    return finish_dataset(INFO, records, base, issues, {"layout": used, "seed": seed}, split=split,
-                          default=default_split_fn(seed), paper=paper_80_20)
+    return finish_dataset(INFO, records, base, issues, {"layout": used, "seed": o.seed}, split=o.split,
+                          default=default_split_fn(o.seed), paper=paper_80_20)
 
 
-register_dataset(DatasetAdapter(info=INFO, loader=load_bach, options=dict(OPTIONS)), aliases=("iciar2018",))
+register_dataset(DatasetAdapter(info=INFO, loader=load_bach, options=BachOptions), aliases=("iciar2018",))

@@ -17,13 +17,15 @@ seeded stratified patient-level 80/20 split. ``"paper"``: image-level 80/20 with
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medxfer.data.build import default_split_fn, finish_dataset
 from medxfer.data.common import Issues, read_csv_rows
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import paper_80_20
+from medxfer.typed import setting
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
 FINDINGS = frozenset(CLASSES) | {"Consolidation", "Edema", "Emphysema", "Fibrosis", "Hernia",
@@ -37,7 +39,11 @@ INFO = DatasetInfo(
               "thorax diseases. CVPR 2017."),
     fewshot_way=5, fewshot_pool=10001,
     layout="the folder holding Data_Entry_2017.csv and images_001/ ... images_012/ (or images/)")
-OPTIONS = {"allow_missing": False, "split": "default", "seed": 0}
+
+
+@dataclass(frozen=True)
+class ChestXray14Options(DatasetOptions):
+    allow_missing: bool = setting(False, help="report labelled rows without an image instead of failing")
 
 
 def image_index(base: Path) -> dict[str, Path]:
@@ -58,9 +64,9 @@ def _read_list(path: Path) -> set[str]:
     return {ln.strip() for ln in path.read_text().splitlines() if ln.strip()}
 
 
-def load_chestxray14(root: Path, *, skip_bad: bool = False, allow_missing: bool = False,
-                     split: str = "default", seed: int = 0) -> Dataset:
+def load_chestxray14(root: Path, o: ChestXray14Options, skip_bad: bool = False) -> Dataset:
     """Read ChestX-ray14 (see the module docstring)."""
+    allow_missing, split, seed = o.allow_missing, o.split, o.seed
     entry = next((root / f for f in ENTRY_FILES if (root / f).is_file()), None)
     if entry is None:
         raise DatasetError(f"{root}: {' or '.join(ENTRY_FILES)} not found; point at the folder holding it "
@@ -90,7 +96,8 @@ def load_chestxray14(root: Path, *, skip_bad: bool = False, allow_missing: bool 
         if path is None:
             issues.missing_file(f"{where}: image {row['Image Index']} not found in the images folders",
                                 row["Image Index"], allow_missing, missing,
-                                hint="if only some images_NNN archives are unpacked, pass allow_missing=True")
+                                hint="if only some images_NNN archives are unpacked, pass --dataset-option "
+                                     "chestx-ray14.allow_missing=true (Python: allow_missing=True)")
             continue
         records.append(Record(path=str(path.resolve()), label=CLASSES.index(findings[0]),
                               patient=row["Patient ID"].lstrip("0") or "0",
@@ -122,5 +129,5 @@ def load_chestxray14(root: Path, *, skip_bad: bool = False, allow_missing: bool 
     return finish_dataset(INFO, records, root, issues, options, split=split, default=default, paper=paper_80_20)
 
 
-register_dataset(DatasetAdapter(info=INFO, loader=load_chestxray14, options=dict(OPTIONS)),
+register_dataset(DatasetAdapter(info=INFO, loader=load_chestxray14, options=ChestXray14Options),
                  aliases=("chestxray14", "nih-cxr14", "chestx-ray8"))

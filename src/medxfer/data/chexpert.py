@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medxfer.data.build import default_split_fn, finish_dataset
-from medxfer.data.common import Issues, join_inside, option_choice, read_csv_rows
+from medxfer.data.common import Issues, join_inside, read_csv_rows
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import shuffled_split
+from medxfer.typed import setting
 
 CLASSES = ("no pleural effusion", "pleural effusion")
 TARGET = "Pleural Effusion"
@@ -48,7 +51,14 @@ INFO = DatasetInfo(
               "uncertainty labels and expert comparison. AAAI 2019."),
     fewshot_way=2, fewshot_pool=10001,
     layout="CheXpert-v1.0-small/ or CheXpert-v1.0/ (with train.csv, valid.csv, train/, valid/)")
-OPTIONS = {"uncertain": "u_ones", "views": "all", "valid": True, "split": "default", "seed": 0}
+
+
+@dataclass(frozen=True)
+class ChexpertOptions(DatasetOptions):
+    uncertain: Literal["u_ones", "u_zeros", "ignore"] = setting("u_ones", help="uncertain (-1) labels: "
+                                                                "positive, negative or dropped")
+    views: Literal["all", "frontal", "lateral"] = setting("all", help="which views to keep")
+    valid: bool = setting(True, help="read valid.csv as the val split")
 
 
 def _base(root: Path) -> Path:
@@ -128,11 +138,9 @@ def study_pairs(records: list[Record]) -> list[tuple[int, int]]:
             if r.view == "lateral" and r.study is not None and r.study in frontal]
 
 
-def load_chexpert(root: Path, *, skip_bad: bool = False, uncertain: str = "u_ones", views: str = "all",
-                  valid: bool = True, split: str = "default", seed: int = 0) -> Dataset:
+def load_chexpert(root: Path, o: ChexpertOptions, skip_bad: bool = False) -> Dataset:
     """Read CheXpert (see the module docstring for the options)."""
-    option_choice("uncertain", uncertain, tuple(UNCERTAIN))
-    option_choice("views", views, ("all", "frontal", "lateral"))
+    uncertain, views, valid, split, seed = o.uncertain, o.views, o.valid, o.split, o.seed
     base = _base(root)
     issues = Issues("chexpert", skip_bad)
     counters = {"uncertain": 0}
@@ -166,5 +174,5 @@ def load_chexpert(root: Path, *, skip_bad: bool = False, uncertain: str = "u_one
                           pairs=study_pairs)
 
 
-register_dataset(DatasetAdapter(info=INFO, loader=load_chexpert, options=dict(OPTIONS)),
+register_dataset(DatasetAdapter(info=INFO, loader=load_chexpert, options=ChexpertOptions),
                  aliases=("chexpert-small",))

@@ -146,14 +146,6 @@ def index_by_stem(folders: Iterable[Path], extensions: Iterable[str] | None = No
     return out
 
 
-def option_choice(name: str, value: object, choices: Iterable[str]) -> str:
-    """Check an option value against its allowed choices with a clear error."""
-    allowed = list(choices)
-    if value not in allowed:
-        raise ValueError(f"option {name}={value!r} is not one of {', '.join(repr(c) for c in allowed)}")
-    return str(value)
-
-
 def read_table(path: Path, required: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Like :func:`read_csv_rows` for ``.csv``, and also reads the first sheet of ``.xlsx`` files."""
     if path.suffix.lower() != ".xlsx":

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from medxfer.data.build import default_split_fn, finish_dataset
 from medxfer.data.common import Issues, index_by_stem, read_csv_rows
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
+from medxfer.typed import setting
 
 CLASSES = ("0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative DR")
 INFO = DatasetInfo(
@@ -33,7 +35,13 @@ INFO = DatasetInfo(
               "Detection (2015)."),
     fewshot_way=5, fewshot_pool=10001, headline_metric="mean_per_class_accuracy",
     layout="the folder holding trainLabels.csv and train/ (test/ + retinopathy_solution.csv optional)")
-OPTIONS = {"images": None, "allow_missing": False, "test_labels": "auto", "split": "default", "seed": 0}
+
+
+@dataclass(frozen=True)
+class EyepacsOptions(DatasetOptions):
+    images: str | None = setting(None, help="folder of the training images (default train/)")
+    allow_missing: bool = setting(False, help="report labelled rows without an image instead of failing")
+    test_labels: str | None = setting("auto", help="auto (retinopathy_solution.csv + test/), none, or a CSV path")
 NAME = re.compile(r"^(\w+?)_(left|right)$")
 JPEG_EXTS = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
 
@@ -78,7 +86,8 @@ def _read_labels(csv_file: Path, image_dir: Path, split: str, allow_missing: boo
         path = index.get(row["image"])
         if path is None:
             issues.missing_file(f"{where}: no image {row['image']}.jpeg in {image_dir}", row["image"],
-                                allow_missing, missing, hint="if only part of the images is present, pass allow_missing=True")
+                                allow_missing, missing, hint="if only part of the images is present, pass --dataset-option "
+                                     "eyepacs.allow_missing=true (Python: allow_missing=True)")
             continue
         records.append(Record(path=str(path), label=int(row["level"]), split=split,
                               patient=m.group(1), eye=m.group(2)))
@@ -107,9 +116,9 @@ def eye_pairs(records: list[Record]) -> list[tuple[int, int]]:
     return pairs
 
 
-def load_eyepacs(root: Path, *, skip_bad: bool = False, images: str | None = None, allow_missing: bool = False,
-                 test_labels: str | None = "auto", split: str = "default", seed: int = 0) -> Dataset:
+def load_eyepacs(root: Path, o: EyepacsOptions, skip_bad: bool = False) -> Dataset:
     """Read EyePACS (see the module docstring)."""
+    images, allow_missing, test_labels, split, seed = o.images, o.allow_missing, o.test_labels, o.split, o.seed
     if root.is_file():
         root = root.parent
     labels_csv = root / "trainLabels.csv"
@@ -147,5 +156,5 @@ def load_eyepacs(root: Path, *, skip_bad: bool = False, images: str | None = Non
                           pairs=eye_pairs)
 
 
-register_dataset(DatasetAdapter(info=INFO, loader=load_eyepacs, options=dict(OPTIONS)),
+register_dataset(DatasetAdapter(info=INFO, loader=load_eyepacs, options=EyepacsOptions),
                  aliases=("kaggle-dr", "diabetic-retinopathy"))

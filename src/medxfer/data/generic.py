@@ -8,16 +8,28 @@ label is an integer).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from medxfer.data.build import default_split_fn, finish_dataset, keep_given_or
 from medxfer.data.common import Issues, list_images, read_csv_rows
-from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record, check_inside
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.records import (
+    Dataset,
+    DatasetError,
+    DatasetInfo,
+    Record,
+    check_inside,
+)
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import normalise_split_name, paper_80_20
+from medxfer.typed import setting
 
-GENERIC_OPTIONS: dict[str, Any] = {"name": None, "split": "default", "seed": 0}
+
+@dataclass(frozen=True)
+class GenericOptions(DatasetOptions):
+    """The user's own data: ``name`` labels it in results (default: the folder or file name)."""
+
+    name: str | None = setting(None, help="the dataset's name in results")
 
 
 def generic_info(name: str, class_names: tuple[str, ...], layout: str) -> DatasetInfo:
@@ -33,9 +45,9 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_folder(root: Path, *, skip_bad: bool = False, name: str | None = None,
-                split: str = "default", seed: int = 0) -> Dataset:
+def load_folder(root: Path, o: GenericOptions, skip_bad: bool = False) -> Dataset:
     """Read an image folder with one subfolder per class (optionally inside split folders)."""
+    name, split, seed = o.name, o.split, o.seed
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found" if not root.exists() else f"{root}: not a folder")
     name = name or root.resolve().name
@@ -79,9 +91,9 @@ def _class_order(labels: set[str]) -> tuple[str, ...]:
     return tuple(sorted(labels))
 
 
-def load_csv(root: Path, *, skip_bad: bool = False, name: str | None = None,
-             split: str = "default", seed: int = 0) -> Dataset:
+def load_csv(root: Path, o: GenericOptions, skip_bad: bool = False) -> Dataset:
     """Read a CSV of ``path,label[,split,patient]`` rows; ``root`` is the CSV file."""
+    name, split, seed = o.name, o.split, o.seed
     csv_file = root
     if root.is_dir():
         raise DatasetError(f"{root}: expected a CSV file (path,label[,split,patient]), got a folder")
@@ -132,7 +144,6 @@ def _placeholder(kind: str) -> DatasetInfo:
     return DatasetInfo(name=kind, task="multiclass", class_names=(), layout=f"{kind}:PATH")
 
 
-register_dataset(DatasetAdapter(info=_placeholder("folder"), loader=load_folder,
-                                options=dict(GENERIC_OPTIONS), generic=True))
-register_dataset(DatasetAdapter(info=_placeholder("csv"), loader=load_csv,
-                                options=dict(GENERIC_OPTIONS), generic=True))
+register_dataset(DatasetAdapter(info=_placeholder("folder"), loader=load_folder, options=GenericOptions,
+                                generic=True))
+register_dataset(DatasetAdapter(info=_placeholder("csv"), loader=load_csv, options=GenericOptions, generic=True))

@@ -19,14 +19,16 @@ iChallenge-AMD: ``Training400/AMD/A0001.jpg`` and ``Training400/Non-AMD/N0001.jp
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from medxfer.data.build import default_split_fn, finish_dataset
-from medxfer.data.common import Issues, find_table, option_choice, read_table
+from medxfer.data.common import Issues, find_table, read_table
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import paper_80_20
+from medxfer.typed import setting
 
 PM_CLASSES = {"pm_vs_rest": ("non-PM", "PM"), "normal_vs_rest": ("normal", "myopia")}
 PM_LETTER = {"pm_vs_rest": {"P": 1, "H": 0, "N": 0}, "normal_vs_rest": {"P": 1, "H": 1, "N": 0}}
@@ -69,10 +71,16 @@ def _val_labels_file(base: Path, val_labels: str | None) -> Path | None:
     return find_table(candidates, ["imgName", "Label"])
 
 
-def load_pm(root: Path, *, skip_bad: bool = False, labels: str = "pm_vs_rest", val_labels: str | None = "auto",
-            split: str = "default", seed: int = 0) -> Dataset:
+@dataclass(frozen=True)
+class PmOptions(DatasetOptions):
+    labels: Literal["pm_vs_rest", "normal_vs_rest"] = setting("pm_vs_rest", help="PM vs normal + high myopia "
+                                                              "(the paper's text) or normal vs rest (the authors')")
+    val_labels: str | None = setting("auto", help="auto, none, or the validation labels CSV/xlsx")
+
+
+def load_pm(root: Path, o: PmOptions, skip_bad: bool = False) -> Dataset:
     """Read iChallenge-PM (see the module docstring for the options)."""
-    option_choice("labels", labels, tuple(PM_CLASSES))
+    labels, val_labels, split, seed = o.labels, o.val_labels, o.split, o.seed
     base = _pm_base(root)
     issues = Issues("ichallenge-pm", skip_bad)
     records: list[Record] = []
@@ -121,8 +129,9 @@ def load_pm(root: Path, *, skip_bad: bool = False, labels: str = "pm_vs_rest", v
     return finish_dataset(info, records, base, issues, options, split=split, default=default, paper=paper_80_20)
 
 
-def load_amd(root: Path, *, skip_bad: bool = False, split: str = "default", seed: int = 0) -> Dataset:
+def load_amd(root: Path, o: DatasetOptions, skip_bad: bool = False) -> Dataset:
     """Read iChallenge-AMD ``Training400/{AMD,Non-AMD}/*.jpg``."""
+    split, seed = o.split, o.seed
     base = root / "Training400" if (root / "Training400").is_dir() else root
     if not (base / "AMD").is_dir() or not (base / "Non-AMD").is_dir():
         raise DatasetError(f"{root}: expected Training400/AMD/ and Training400/Non-AMD/ folders")
@@ -141,8 +150,7 @@ def load_amd(root: Path, *, skip_bad: bool = False, split: str = "default", seed
                           split=split, default=default_split_fn(seed), paper=paper_80_20)
 
 
-register_dataset(DatasetAdapter(info=PM_INFO, loader=load_pm,
-                                options={"labels": "pm_vs_rest", "val_labels": "auto", "split": "default", "seed": 0}),
+register_dataset(DatasetAdapter(info=PM_INFO, loader=load_pm, options=PmOptions),
                  aliases=("palm", "pm"))
-register_dataset(DatasetAdapter(info=AMD_INFO, loader=load_amd, options={"split": "default", "seed": 0}),
+register_dataset(DatasetAdapter(info=AMD_INFO, loader=load_amd, options=DatasetOptions),
                  aliases=("adam", "amd"))

@@ -15,7 +15,7 @@ import numpy as np
 
 from medxfer.data.build import default_split_fn, finish_dataset, keep_given_or
 from medxfer.data.common import Issues
-from medxfer.data.generic import GENERIC_OPTIONS, generic_info
+from medxfer.data.generic import GenericOptions, generic_info
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
 from medxfer.data.registry import DatasetAdapter, register_dataset
 from medxfer.data.splits import paper_80_20
@@ -32,9 +32,9 @@ def _npy_shape(npz: zipfile.ZipFile, key: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def load_medmnist(root: Path, *, skip_bad: bool = False, name: str | None = None, split: str = "default",
-                  seed: int = 0) -> Dataset:
+def load_medmnist(root: Path, o: GenericOptions, skip_bad: bool = False) -> Dataset:
     """Read a MedMNIST ``.npz`` file (``root`` is the file)."""
+    name, split, seed = o.name, o.split, o.seed
     file = root.resolve()
     if not file.is_file():
         raise DatasetError(f"{root}: MedMNIST .npz file not found")
@@ -84,4 +84,4 @@ def load_medmnist(root: Path, *, skip_bad: bool = False, name: str | None = None
 
 register_dataset(DatasetAdapter(info=DatasetInfo(name="medmnist", task="multiclass", class_names=(),
                                                  layout="medmnist:FILE.npz"),
-                                loader=load_medmnist, options=dict(GENERIC_OPTIONS), generic=True))
+                                loader=load_medmnist, options=GenericOptions, generic=True))

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medxfer.errors import UsageError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -51,10 +53,26 @@ class DatasetInfo:
     fewshot_pool: int | None = None  # few-shot draws from the first N train images (large sets); None = all
     headline_metric: str = "accuracy"  # many-shot headline ("mean_per_class_accuracy" for EyePACS)
     layout: str = ""  # the folder to point at, for help texts
+    display_name: str | None = None  # as the paper prints it (e.g. "iChallenge-PM"); None: the name
+    synthetic: bool = False  # written by medxfer's synthetic generators, not real data
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class LabelView:
+    """What a dataset says before any image is decoded: labels, splits (arrays), class names."""
+
+    labels: Any
+    splits: Any
+    class_names: tuple[str, ...]
+    name: str = ""
 
 
 @dataclass
@@ -75,6 +93,7 @@ class Dataset:
     options: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pairs: list[tuple[int, int]] | None = None
+    _fingerprints: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,19 +113,23 @@ class Dataset:
     def indices(self, split: str) -> list[int]:
         return [i for i, r in enumerate(self.records) if r.split == split]
 
-    def fingerprint(self, stat_files: bool = True) -> str:
-        """A hash of everything that determines this dataset's content.
+    def fingerprints(self) -> tuple[str, str]:
+        """``(content, files)`` hashes, computed once per Dataset object (they stat every file).
 
-        Covers the records (path, label, split, metadata), the adapter options, and each
-        file's size and modification time (so a replaced image invalidates caches).
+        *content* covers everything that determines the records' meaning: the records (path,
+        label, split, metadata), the class names, the adapter options, and each file's size
+        and modification time. *files* covers only the image files in record order (paths,
+        sizes, modification times): what decoded pixels depend on, so a label-only option
+        (CheXpert ``uncertain``) keeps the prepared images. A Dataset is not mutated after it
+        is built (:func:`~medxfer.data.build.drop_records` makes a new one).
         """
-        h = hashlib.sha256()
-        h.update(json.dumps({"name": self.info.name, "classes": self.info.class_names,
-                             "options": self.options}, sort_keys=True, default=str).encode())
-        stat_cache: dict[str, tuple[int, int]] = {}
-        for r in self.records:
-            h.update(json.dumps(asdict(r), sort_keys=True).encode())
-            if stat_files:
+        if self._fingerprints is None:
+            content = hashlib.sha256()
+            files = hashlib.sha256()
+            content.update(json.dumps({"name": self.info.name, "classes": self.info.class_names,
+                                       "options": self.options}, sort_keys=True, default=str).encode())
+            stat_cache: dict[str, tuple[int, int]] = {}
+            for r in self.records:
                 f = r.path.split("#", 1)[0]
                 if f not in stat_cache:
                     try:
@@ -114,8 +137,29 @@ class Dataset:
                         stat_cache[f] = (st.st_size, st.st_mtime_ns)
                     except OSError:
                         stat_cache[f] = (-1, -1)
-                h.update(repr(stat_cache[f]).encode())
-        return h.hexdigest()[:16]
+                stat = repr(stat_cache[f]).encode()
+                content.update(json.dumps(asdict(r), sort_keys=True).encode())
+                content.update(stat)
+                files.update(json.dumps(r.path).encode())
+                files.update(stat)
+            self._fingerprints = (content.hexdigest()[:16], files.hexdigest()[:16])
+        return self._fingerprints
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines this dataset's content (see :meth:`fingerprints`)."""
+        return self.fingerprints()[0]
+
+    def files_fingerprint(self) -> str:
+        """A hash of the image files alone, in record order (see :meth:`fingerprints`)."""
+        return self.fingerprints()[1]
+
+    def label_view(self) -> LabelView:
+        """Labels, splits and class names, for checks that need no image."""
+        import numpy as np
+
+        return LabelView(np.array([r.label for r in self.records], dtype=np.int64),
+                         np.array([r.split for r in self.records], dtype=object), tuple(self.info.class_names),
+                         self.info.name)
 
     def summary(self) -> dict[str, Any]:
         """The ``validate --json`` object."""
@@ -132,7 +176,7 @@ def _split_order(s: str) -> tuple[int, str]:
     return (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset cannot be used as given; the message names the file, row or key."""
 
 

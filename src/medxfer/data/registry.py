@@ -1,30 +1,44 @@
-"""The dataset registry: name -> adapter (DatasetInfo + loader)."""
+"""The dataset registry: name -> adapter (DatasetInfo + typed options + loader)."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medxfer.data.records import Dataset, DatasetInfo
 from medxfer.registry import Registry
+from medxfer.typed import build, setting
 
-Loader = Callable[..., Dataset]
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """Options every adapter takes; adapters subclass it with their own (one typed object each).
+
+    ``split``: ``"default"`` (the official split where one exists, else a seeded 80/20 split,
+    patient-level where patients are known), ``"paper"`` (the authors' split) or a split file.
+    """
+
+    split: str = setting("default", help="default, paper, or a split file (CSV path,split)")
+    seed: int = setting(0, help="seed of the seeded splits")
+
+
+Loader = Callable[[Path, Any, bool], Dataset]
 
 
 @dataclass(frozen=True)
 class DatasetAdapter:
     """A registered dataset.
 
-    ``loader(root: Path, *, skip_bad: bool = False, **options) -> Dataset`` reads the
-    official layout under ``root``. ``options`` documents each accepted option with its
-    default (e.g. ``{"uncertain": "u_ones"}``); unknown options are errors.
+    ``loader(root, options, skip_bad) -> Dataset`` reads the official layout under ``root``;
+    ``options`` is the adapter's :class:`DatasetOptions` subclass (its fields, types and
+    defaults are the options; unknown or mistyped options are errors).
     """
 
     info: DatasetInfo
     loader: Loader
-    options: dict[str, Any] = field(default_factory=dict)
+    options: type[DatasetOptions] = DatasetOptions
     generic: bool = False  # folder / csv / medmnist: info is built per call
 
 
@@ -35,11 +49,16 @@ def register_dataset(adapter: DatasetAdapter, aliases: tuple[str, ...] = ()) -> 
     return DATASETS.register(adapter.info.name, adapter, aliases=aliases)
 
 
-def load_dataset(name: str, root: str | os.PathLike[str], /, *, skip_bad: bool = False, **options: Any) -> Dataset:
+def dataset_options(name: str, options: dict[str, Any] | None = None) -> DatasetOptions:
+    """The typed options of dataset ``name`` from user values (one clear error for bad ones)."""
+    adapter = DATASETS.get(name)
+    given = (options or {}).get("name")
+    label = str(given) if adapter.generic and given else adapter.info.name  # the --dataset LABEL of the user's data
+    return build(adapter.options, options, where=f"dataset {label!r}",
+                 spell=lambda key: f"--dataset-option {label}.{key}")
+
+
+def load_dataset(name: str, /, root: str | os.PathLike[str], *, skip_bad: bool = False, **options: Any) -> Dataset:
     """Read dataset ``name`` (registered, or ``"folder"``/``"csv"``/``"medmnist"``) at ``root``."""
     adapter = DATASETS.get(name)
-    unknown = sorted(set(options) - set(adapter.options))
-    if unknown:
-        known = ", ".join(f"{k} (default {v!r})" for k, v in adapter.options.items()) or "none"
-        raise ValueError(f"dataset {adapter.info.name!r} has no option {', '.join(unknown)}; options: {known}")
-    return adapter.loader(Path(root).expanduser(), skip_bad=skip_bad, **options)
+    return adapter.loader(Path(root).expanduser(), dataset_options(name, options), skip_bad)

@@ -23,6 +23,7 @@ import numpy as np
 from medxfer.cache import file_sha256, write_text_atomic
 from medxfer.data.common import Issues, read_csv_rows
 from medxfer.data.records import SPLITS, Dataset, DatasetError, Record
+from medxfer.errors import UsageError
 
 SplitFn = Callable[[list[Record]], list[str]]
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -146,12 +147,12 @@ def assign_splits(records: list[Record], root: Path, split: str, issues: Issues,
         return [replace(r, split=s) for r, s in zip(records, names)], {"split": "default"}
     if split == "paper":
         if paper is None:
-            raise ValueError(f"dataset {issues.dataset!r} has no 'paper' split")
+            raise UsageError(f"dataset {issues.dataset!r} has no 'paper' split")
         names = paper(records)
         return [replace(r, split=s) for r, s in zip(records, names)], {"split": "paper"}
     file = Path(split).expanduser()
     if not file.is_file():
-        raise ValueError(f"option split={split!r}: expected 'default', 'paper' or an existing split file")
+        raise UsageError(f"option split={split!r}: expected 'default', 'paper' or an existing split file")
     table = read_split_file(file)
     out: list[Record] = []
     for r in records:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from medxfer.cache import write_text_atomic
 from medxfer.data.synthetic_images import synthetic_image
+from medxfer.errors import UsageError
 from medxfer.registry import Registry
 
 Writer = Callable[[Path, int, int, np.random.Generator], Path]
@@ -32,7 +33,7 @@ WRITERS: Registry[Writer] = Registry("synthetic dataset")
 def write_synthetic(name: str, root: str | Path, *, n_per_class: int = 8, size: int = 64, seed: int = 0) -> Path:
     """Write a synthetic copy of dataset ``name`` under ``root``; returns the folder to load."""
     if n_per_class < 4:
-        raise ValueError(f"n_per_class must be at least 4 (got {n_per_class})")
+        raise UsageError(f"n_per_class must be at least 4 (got {n_per_class})")
     writer = WRITERS.get(name)
     out = Path(root).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -12,19 +12,28 @@ authors' rule: the metadata CSV's ``findings`` text, exactly "normal" = negative
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medxfer.data.build import default_split_fn, finish_dataset
-from medxfer.data.common import Issues, find_table, option_choice, read_table
+from medxfer.data.common import Issues, find_table, read_table
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.registry import DatasetAdapter, register_dataset
+from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import paper_80_20
+from medxfer.typed import setting
 
 CLASSES = ("normal", "tuberculosis")
 CITATION = ("Jaeger S, Candemir S, Antani S, Wang YX, Lu PX, Thoma G. Two public chest X-ray datasets "
             "for computer-aided screening of pulmonary diseases. Quant Imaging Med Surg. 2014;4(6):475-477.")
 LICENCE = "U.S. National Library of Medicine public release (free for research; cite Jaeger et al. 2014)"
-OPTIONS = {"labels": "filename", "metadata": None, "split": "default", "seed": 0}
+
+
+@dataclass(frozen=True)
+class TbOptions(DatasetOptions):
+    labels: Literal["filename", "metadata"] = setting("filename", help="label from the file-name suffix or "
+                                                      "from the metadata CSV's findings (the authors')")
+    metadata: str | None = setting(None, help="the metadata CSV (default: found near the images)")
 
 
 def _image_dir(root: Path, top: str) -> Path:
@@ -47,9 +56,8 @@ def _metadata_labels(csv_path: Path, issues: Issues) -> dict[str, tuple[int, str
 def _loader(name: str, top: str, prefix: str):
     pattern = re.compile(rf"^{prefix}_(\d{{4}})_([01])\.png$", re.IGNORECASE)
 
-    def load(root: Path, *, skip_bad: bool = False, labels: str = "filename", metadata: str | None = None,
-             split: str = "default", seed: int = 0) -> Dataset:
-        option_choice("labels", labels, ("filename", "metadata"))
+    def load(root: Path, o: TbOptions, skip_bad: bool = False) -> Dataset:
+        labels, metadata, split, seed = o.labels, o.metadata, o.split, o.seed
         image_dir = _image_dir(root, top)
         base = image_dir.parent.parent if image_dir.name == "images" and image_dir.parent.name == "images" \
             else image_dir.parent
@@ -108,6 +116,6 @@ INFOS = {
 }
 
 register_dataset(DatasetAdapter(info=INFOS["shenzhen"], loader=_loader("shenzhen", "ChinaSet_AllFiles", "CHNCXR"),
-                                options=dict(OPTIONS)), aliases=("shenzhen-cxr", "chinaset"))
+                                options=TbOptions), aliases=("shenzhen-cxr", "chinaset"))
 register_dataset(DatasetAdapter(info=INFOS["montgomery"], loader=_loader("montgomery", "MontgomerySet", "MCUCXR"),
-                                options=dict(OPTIONS)), aliases=("montgomery-cxr",))
+                                options=TbOptions), aliases=("montgomery-cxr",))

@@ -6,13 +6,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tqdm import tqdm
-
 from medxfer.data.build import drop_records
 from medxfer.data.common import MAX_LISTED
 from medxfer.data.images import ImageReadError, open_image
 from medxfer.data.records import Dataset, DatasetError
 from medxfer.data.registry import load_dataset
+from medxfer.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +29,15 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def find_unreadable(dataset: Dataset, workers: int | None = None, progress: bool = True) -> dict[int, str]:
+def find_unreadable(dataset: Dataset, workers: int | None = None, progress: bool | None = None) -> dict[int, str]:
     """Decode every record's image in a thread pool; ``{record index: error}`` for the failures."""
     n_workers = workers or min(16, (os.cpu_count() or 2) * 2)
     paths = [r.path for r in dataset.records]
     failures: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         results = pool.map(check_image, paths, chunksize=16)
-        for i, err in enumerate(tqdm(results, total=len(paths), desc=f"checking {dataset.info.name}",
-                                     unit="img", disable=not progress or len(paths) < 200)):
+        for i, err in enumerate(bar(iterable=results, total=len(paths), desc=f"checking {dataset.info.name}",
+                                    unit="img", enabled=False if len(paths) < 200 else progress)):
             if err is not None:
                 failures[i] = err
     return failures
@@ -46,7 +45,7 @@ def find_unreadable(dataset: Dataset, workers: int | None = None, progress: bool
 
 def validate_dataset(name: str, root: str | os.PathLike[str], /, *, skip_bad: bool = False,
                      check_images: bool = True,
-                     progress: bool = True, **options: Any) -> Dataset:
+                     progress: bool | None = None, **options: Any) -> Dataset:
     """Load dataset ``name`` at ``root`` and verify its images.
 
     Without ``skip_bad`` any problem raises one :class:`DatasetError` listing every bad file

@@ -47,9 +47,9 @@ def read_torch(path: str | os.PathLike[str]) -> Any:
                               pickle_module=torch_pickle_module(str(path)))
         except CheckpointError:
             raise
-        except Exception as exc2:  # noqa: BLE001  (anything torch raises on a corrupt file)
+        except Exception as exc2:
             raise CheckpointError(f"{path}: cannot read checkpoint: {exc2}") from exc2
-    except Exception as exc:  # noqa: BLE001  (torch raises many types on corrupt files)
+    except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
 
 
@@ -194,7 +194,7 @@ def trunk_from_state(arch: str, sd: Mapping[str, torch.Tensor], *, source: str, 
     from medxfer.models.backbone import ARCHS
 
     with torch.device("meta"):
-        trunk = ARCHS.get(arch)()
+        trunk = ARCHS.get(arch).build()
     expected = trunk.state_dict()
     check_state(trunk, expected, sd, source=source, check_finite=check_finite)
     full = {}

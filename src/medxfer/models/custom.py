@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from medxfer.models.backbone import ARCH_FEATURE_DIMS, ARCHS, build_trunk
+from medxfer.errors import UsageError
+from medxfer.models.backbone import ARCHS, build_trunk
 from medxfer.models.checkpoint import FORMATS
 from medxfer.models.errors import CheckpointError
 from medxfer.models.normalize import NORMALIZATIONS
@@ -69,7 +70,7 @@ def register_custom_model(
         prefix = infer_prefix(FORMATS.get(fmt).state_dict(file), arch, str(file))
         log.info("%s: inferred key prefix %r", name, prefix)
     spec = ModelSpec(
-        name=name, arch=arch, family=family, feature_dim=ARCH_FEATURE_DIMS[arch], normalization=normalization,
+        name=name, arch=arch, family=family, normalization=normalization,
         fmt=fmt, prefix=prefix, drop=tuple(drop), path=str(file), filename=file.name, licence=licence,
         citation=citation, notes=notes or f"custom checkpoint {file}",
     )
@@ -78,8 +79,8 @@ def register_custom_model(
         if old == spec:
             return old
         if old.path is None:
-            raise ValueError(f"model name {name!r} is a built-in model; choose another name")
-        raise ValueError(f"custom model {name!r} is already registered with different settings ({old.path})")
+            raise UsageError(f"model name {name!r} is a built-in model; choose another name")
+        raise UsageError(f"custom model {name!r} is already registered with different settings ({old.path})")
     return register_model(spec)
 
 
@@ -95,7 +96,7 @@ def resolve_model_arg(text: str) -> str:
     name, _, rest = text.partition("=")
     arch, sep, rest = rest.partition(":")
     if not name.strip() or not sep or not rest:
-        raise ValueError(f"bad custom model {text!r}: expected NAME=ARCH:/path/to/ckpt.pth[:prefix]")
+        raise UsageError(f"bad custom model {text!r}: expected NAME=ARCH:/path/to/ckpt.pth[:prefix]")
     path, prefix = rest, None
     if not Path(rest).expanduser().is_file() and ":" in rest:
         path, prefix = rest.rsplit(":", 1)
@@ -116,19 +117,19 @@ def load_model_file(path: str | os.PathLike[str]) -> list[str]:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read model file: {exc}") from exc
+        raise UsageError(f"{path}: cannot read model file: {exc}") from exc
     entries = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a top-level 'models:' list")
+        raise UsageError(f"{path}: expected a top-level 'models:' list")
     names = []
     for i, entry in enumerate(entries):
         where = f"{path}: models[{i}]"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
+            raise UsageError(f"{where}: expected a mapping, got {type(entry).__name__}")
         unknown = sorted(set(entry) - _YAML_KEYS)
         missing = sorted({"name", "arch", "checkpoint"} - set(entry))
         if unknown or missing:
-            raise ValueError(f"{where}: unknown keys {unknown}, missing keys {missing} (allowed: {sorted(_YAML_KEYS)})")
+            raise UsageError(f"{where}: unknown keys {unknown}, missing keys {missing} (allowed: {sorted(_YAML_KEYS)})")
         ckpt = Path(str(entry["checkpoint"])).expanduser()
         if not ckpt.is_absolute():
             ckpt = path.parent / ckpt
@@ -141,6 +142,6 @@ def load_model_file(path: str | os.PathLike[str]) -> list[str]:
                 citation=entry.get("citation", ""), notes=entry.get("notes", ""),
             )
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from exc
+            raise UsageError(f"{where}: {exc}") from exc
         names.append(spec.name)
     return names

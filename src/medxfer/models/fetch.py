@@ -7,19 +7,25 @@ Originals are kept in ``<cache>/downloads/`` so a converter update needs no new 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from medxfer.cache import content_key, resolve_cache_dir
-from medxfer.models.checkpoint import CONVERTER_VERSION, FORMATS, convert_checkpoint, save_converted
+from medxfer.cache import content_key, file_lock, resolve_cache_dir
+from medxfer.models.checkpoint import (
+    CONVERTER_VERSION,
+    FORMATS,
+    convert_checkpoint,
+    save_converted,
+)
 from medxfer.models.download import ExpectedHash, download, verify
 from medxfer.models.errors import (
-    CheckpointError, DownloadError, HashMismatchError, WeightsUnavailableError,
+    CheckpointError,
+    DownloadError,
+    HashMismatchError,
+    WeightsUnavailableError,
 )
 from medxfer.models.spec import MODELS, ModelSpec
 
@@ -85,23 +91,6 @@ def unavailable_message(spec: ModelSpec, reason: str) -> str:
         f"`medxfer fetch {spec.name} --from /path/to/{file}` (Python: medxfer.models.fetch.fetch("
         f"{spec.name!r}, source=...)). Or use `--weights random` for a randomly initialised baseline."
     )
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock so two processes never write the same download."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover  (Windows: rely on atomic renames only)
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _torch_hub_copy(spec: ModelSpec) -> Path | None:
@@ -172,7 +161,8 @@ def fetch(
     if source is None and out.is_file():
         return out
     allow = (not offline()) if allow_download is None else allow_download
-    with _lock(cache / "downloads" / f".{spec.name}.lock"):
+    (cache / "downloads").mkdir(parents=True, exist_ok=True)
+    with file_lock(cache / "downloads" / f".{spec.name}.lock", f"fetching the weights of {spec.name}"):
         if source is None and out.is_file():  # another process finished meanwhile
             return out
         if source is not None:

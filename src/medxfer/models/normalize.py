@@ -6,6 +6,7 @@ B x 3 x H x W ready for the trunk. Greyscale is stacked to 3 channels.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +18,27 @@ CHEXPERT_MEAN = 0.5020  # MoCo-CXR's native CheXpert statistics
 CHEXPERT_STD = 0.085585
 
 Normalizer = Callable[[torch.Tensor], torch.Tensor]
-NORMALIZATIONS: Registry[Normalizer] = Registry("normalization")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A named, versioned input normalisation (bump ``version`` when its output changes: the
+    version enters every feature and result key computed through it)."""
+
+    name: str
+    fn: Normalizer
+    version: str = "1"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fn(images)
+
+
+NORMALIZATIONS: Registry[Normalization] = Registry("normalization")
+
+
+def register_normalization(name: str, fn: Normalizer, version: str = "1",
+                           aliases: tuple[str, ...] = ()) -> Normalization:
+    return NORMALIZATIONS.register(name, Normalization(name, fn, version), aliases=aliases)
 
 
 def to_rgb_float(x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +127,12 @@ def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch
     return out
 
 
-NORMALIZATIONS.register("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
-NORMALIZATIONS.register("none", to_rgb_float, aliases=("raw",))
-NORMALIZATIONS.register("histeq", histogram_equalize, aliases=("histogram-equalization",))
-NORMALIZATIONS.register("histeq-covidprognosis", histogram_equalize_covidprognosis, aliases=("histeq-cp",))
-NORMALIZATIONS.register("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
+register_normalization("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
+register_normalization("none", to_rgb_float, aliases=("raw",))
+register_normalization("histeq", histogram_equalize, aliases=("histogram-equalization",))
+register_normalization("histeq-covidprognosis", histogram_equalize_covidprognosis, aliases=("histeq-cp",))
+register_normalization("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
 
 
-def get_normalizer(name: str) -> Normalizer:
+def get_normalizer(name: str) -> Normalization:
     return NORMALIZATIONS.get(name)

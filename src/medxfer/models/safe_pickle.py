@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Inert(dict):
     """A stand-in for a framework class: records constructor args and pickled state only."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Inert":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
         obj = super().__new__(cls)
         obj.__dict__["args"] = args
         obj.__dict__["items"] = []
@@ -147,7 +147,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, *args, **kwargs)
         self._standins: dict[tuple[str, str], type] = {}
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102
+    def find_class(self, module: str, name: str) -> Any:
         # Python 2 names used by protocol <= 2 (e.g. __builtin__.set), mapped like pickle does
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]

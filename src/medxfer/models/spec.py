@@ -19,7 +19,6 @@ class ModelSpec:
     name: str
     arch: str
     family: str  # "supervised" | "self-supervised" | "domain-specific" | "random" | "custom"
-    feature_dim: int
     normalization: str = "imagenet"
     urls: tuple[str, ...] = ()
     sha256: str | None = None  # full hash of the original download, when known
@@ -39,7 +38,19 @@ class ModelSpec:
     fetch_hint: str = ""  # how to obtain the file when it cannot be downloaded directly
     path: str | None = None  # a local original checkpoint (custom models)
     base: str | None = None  # a variant (e.g. other normalisation) sharing this spec's weights
+    display_name: str | None = None  # as the paper prints it (e.g. "MoCo-v2"); None: the name
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        """Pooled feature size, declared once by the architecture."""
+        from medxfer.models.backbone import ARCHS
+
+        return ARCHS.get(self.arch).feature_dim
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
 
 
 MODELS: Registry[ModelSpec] = Registry("model", "medxfer.models")

@@ -96,7 +96,8 @@ class DinoVisionTransformer(nn.Module):
         grid = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([cls_pos, grid], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed tokens B x (1 + patches) x D (CLS first)."""
         b, _, h, w = x.shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch}")
@@ -105,7 +106,10 @@ class DinoVisionTransformer(nn.Module):
         tokens = tokens + self._pos_embed(h // self.patch, w // self.patch)
         for blk in self.blocks:
             tokens = blk(tokens)
-        return self.norm(tokens)[:, 0]
+        return self.norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]
 
 
 def dinov2_vits14() -> DinoVisionTransformer:

@@ -15,20 +15,33 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
+from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
-from medxfer.protocols.base import EvalResult, Protocol, register_protocol
+from medxfer.protocols.base import (
+    EvalResult,
+    Headline,
+    LabelView,
+    Needs,
+    Params,
+    Protocol,
+    register_protocol,
+)
+from medxfer.typed import positive, setting
+
+if TYPE_CHECKING:
+    from medxfer.cell import Context
 
 log = logging.getLogger(__name__)
 
 Z95 = 1.96
 
 
-class FewShotError(ValueError):
+class FewShotError(UsageError):
     """Episodes cannot be drawn as asked (e.g. a class with too few images)."""
 
 
@@ -102,7 +115,8 @@ def sample_episodes(
         if small_classes != "drop":
             raise FewShotError(
                 f"{n_shot}-shot episodes with {n_query} queries need {need} images per class; {desc} "
-                f"(use fewer shots/queries, or small_classes='drop' to leave such classes out)"
+                f"(use fewer shots or queries, e.g. --set fewshot.n_shot=10, or --set fewshot.small_classes=drop "
+                f"to leave such classes out; in Python: n_shot=..., small_classes='drop')"
             )
         warnings.append(f"classes left out of every episode (fewer than {need} images): {desc}")
     eligible = np.array(sorted(c for c in per_class if c not in small), dtype=np.int64)
@@ -157,34 +171,44 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(Z95 * v.std(ddof=0) / np.sqrt(len(v)))
 
 
-def run_fewshot(
-    features: FeatureSet,
-    *,
-    seed: int = 0,
-    n_way: int = 2,
-    n_shot: int = 20,
-    n_query: int = 15,
-    episodes: int = 600,
-    pool_size: int | None = None,
-    small_classes: str = "error",
-) -> EvalResult:
+@dataclass(frozen=True)
+class FewShotParams(Params):
+    """Few-shot settings (the paper's: 2-way or 5-way, 20 shots, 15 queries, 600 episodes)."""
+
+    n_way: int = setting(2, check=positive, help="classes per episode")
+    n_shot: int = setting(20, check=positive, help="support images per class")
+    n_query: int = setting(15, check=positive, help="query images per class")
+    episodes: int = setting(600, check=positive, help="number of episodes")
+    pool_size: int | None = setting(None, check=positive,
+                                    help="draw from the first N seeded-shuffled train images (None: all images)")
+    small_classes: Literal["error", "drop"] = setting("error", help="a class smaller than shots + queries: "
+                                                      "error, or drop it from every episode")
+
+
+def draw_episodes(labels: np.ndarray, splits: np.ndarray | None, p: FewShotParams, seed: int,
+                  class_names: tuple[str, ...] | None = None) -> tuple[np.ndarray, Episodes, list[str]]:
+    """The pool and the episodes of ``p`` for these labels (they never depend on the model)."""
+    pool = select_pool(labels, splits, p.pool_size, seed)
+    eps, warnings = sample_episodes(labels, p.n_way, p.n_shot, p.n_query, p.episodes, seed,
+                                    pool=pool, small_classes=p.small_classes, class_names=class_names)
+    return pool, eps, warnings
+
+
+def evaluate_fewshot(features: FeatureSet, p: FewShotParams, seed: int) -> EvalResult:
     """Prototypical-network few-shot evaluation of one feature set."""
     feats = np.asarray(features.features)
     if not np.isfinite(feats).all():
         bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
         raise FewShotError(f"features of {features.model} on {features.dataset} are not finite "
                            f"(first bad record: {features.records[bad].path})")
-    pool = select_pool(features.labels, features.splits, pool_size, seed)
-    eps, warnings = sample_episodes(features.labels, n_way, n_shot, n_query, episodes, seed,
-                                    pool=pool, small_classes=small_classes, class_names=features.class_names)
+    pool, eps, warnings = draw_episodes(features.labels, features.splits, p, seed, features.class_names)
     accs = episode_accuracies(feats, eps)
     mean, half = mean_ci95(accs)
-    params: dict[str, Any] = {"n_way": n_way, "n_shot": n_shot, "n_query": n_query, "episodes": episodes,
-                              "pool_size": pool_size, "small_classes": small_classes}
     return EvalResult(
         protocol="fewshot",
-        metrics={"accuracy": 100.0 * mean, "ci95": 100.0 * half, "episodes": float(episodes)},
-        params=params,
+        metrics={"accuracy": 100.0 * mean, "ci95": 100.0 * half, "episodes": float(p.episodes)},
+        headline=Headline("accuracy", 100.0 * mean, 100.0 * half, True),
+        params=p.to_dict(),
         details={
             "episode_accuracies": [float(a) for a in accs],
             "episode_seed": seed,
@@ -197,13 +221,21 @@ def run_fewshot(
     )
 
 
+def _run(ctx: Context, p: FewShotParams, seed: int) -> EvalResult:
+    return evaluate_fewshot(ctx.features(), p, seed)
+
+
+def _check(view: LabelView, p: FewShotParams, seed: int) -> None:
+    draw_episodes(view.labels, view.splits, p, seed, view.class_names)
+
+
 register_protocol(Protocol(
     name="fewshot",
-    needs="features",
-    run=run_fewshot,
-    defaults={"n_way": 2, "n_shot": 20, "n_query": 15, "episodes": 600, "pool_size": None,
-              "small_classes": "error"},
     version="1",
+    params=FewShotParams,
+    run=_run,
+    needs=Needs(features=("pooled",), accelerator="cpu"),
+    check=_check,
     dataset_defaults=lambda info: {"n_way": info.fewshot_way, "n_shot": info.fewshot_shot,
                                    "pool_size": info.fewshot_pool},
     description="prototypical networks, K-way N-shot, 15 queries, 600 episodes, mean ± 95% CI (paper Table 3)",

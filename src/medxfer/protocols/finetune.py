@@ -17,11 +17,11 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,12 +30,26 @@ from torch import nn
 
 from medxfer.cache import atomic_path, content_key
 from medxfer.devices import resolve_device
+from medxfer.errors import UsageError
 from medxfer.models.backbone import Backbone
 from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
-from medxfer.protocols.base import EvalResult, Protocol, register_protocol
-from medxfer.protocols.metrics import classification_metrics
+from medxfer.progress import bar
+from medxfer.protocols.base import (
+    EvalResult,
+    Headline,
+    LabelView,
+    Needs,
+    Params,
+    Protocol,
+    register_protocol,
+)
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
+from medxfer.typed import fraction, positive, setting
+
+if TYPE_CHECKING:
+    from medxfer.cell import Context
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +67,8 @@ def snapshot_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _after_checkpoint(step: int) -> None:
-    """Called after every checkpoint write (a hook for tests that simulate a killed run)."""
+Snapshot = Callable[[nn.Module], dict[str, torch.Tensor]]
+CheckpointHook = Callable[[int], None]
 
 
 class FinetuneNet(nn.Module):
@@ -199,7 +213,8 @@ def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[np.ndarray
 
 def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, labels: np.ndarray, k: int, *,
                 lr: float, weight_decay: float, seed: int, device: torch.device, workdir: Path | None,
-                key: str, headline: str, p: dict[str, Any]) -> tuple[FinetuneNet, TrialOutcome]:
+                key: str, headline: str, p: FinetuneParams, snapshot: Snapshot,
+                on_checkpoint: CheckpointHook | None) -> tuple[FinetuneNet, TrialOutcome]:
     """Train one model with early stopping; resume from ``workdir`` when its checkpoint matches ``key``."""
     t0 = time.perf_counter()
     g_init = torch.Generator().manual_seed(seed)
@@ -208,13 +223,13 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
     net = FinetuneNet(backbone, k, g_init).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=p["momentum"], nesterov=p["nesterov"],
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=p.momentum, nesterov=p.nesterov,
                           weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["max_steps"])
-    amp = p["amp"] if p["amp"] is not None else device.type == "cuda"
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.max_steps)
+    amp = use_amp(p, device)
     ctx, scaler = _amp_context(device, amp)
-    size = p["image_size"]
-    eval_kw = dict(size=size, batch_size=p["eval_batch_size"], device=device, amp=amp, headline=headline)
+    size = p.image_size
+    eval_kw = dict(size=size, batch_size=p.eval_batch_size, device=device, amp=amp, headline=headline)
 
     final_path = workdir / FINAL if workdir else None
     if final_path is not None and final_path.is_file():
@@ -247,21 +262,19 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
         else:
             log.warning("finetune: ignoring %s (made with different settings)", ckpt_path)
 
-    batches = _batches(len(sp.train), p["batch_size"], g_data)
+    batches = _batches(len(sp.train), p.batch_size, g_data)
     # a resumed run sees the same batch order: replay the (cheap) sampler from its seed
     for _ in range(step):
         next(batches)
     stopped_early = False
     train_labels = torch.as_tensor(labels, device=device)
     net.train()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=p["max_steps"], initial=step, desc=f"finetune lr={lr:g} wd={weight_decay:g}",
-               leave=False, disable=not p["progress"])
-    while step < p["max_steps"]:
+    steps_bar = bar(total=p.max_steps, initial=step, desc=f"finetune {backbone.name} lr={lr:g} wd={weight_decay:g}",
+                    unit="step")
+    while step < p.max_steps:
         rows = sp.train[next(batches)]
-        x = augment(_load_batch(prepared, rows, device), size, g_aug, hflip=p["hflip"],
-                    scale=tuple(p["crop_scale"]), ratio=tuple(p["crop_ratio"]))
+        x = augment(_load_batch(prepared, rows, device), size, g_aug, hflip=p.hflip,
+                    scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio))
         with ctx:
             loss = nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
         if not torch.isfinite(loss):
@@ -276,18 +289,20 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
             opt.step()
         sched.step()
         step += 1
-        bar.update(1)
-        if step % p["val_every"] == 0 or step == p["max_steps"]:
+        steps_bar.update(1)
+        if step % p.val_every == 0 or step == p.max_steps:
             metrics, vloss, _ = evaluate_net(net, prepared, sp.val, labels, **eval_kw)
             score = metrics["headline"]
             curve.append({"step": step, "score": score, "loss": vloss, "accuracy": metrics["accuracy"],
                           "train_loss": float(loss.item()), "lr": float(sched.get_last_lr()[0])})
             if score > best_score or (score == best_score and vloss < best_loss):
                 best_score, best_loss, best_step, bad_evals = score, vloss, step, 0
-                best_state = SNAPSHOT(net)
+                best_state = snapshot(net)
             else:
                 bad_evals += 1
-            stop = bad_evals >= p["patience"]
+            log.info("finetune %s step %d/%d: validation %s %.2f (best %.2f at step %d)", backbone.name, step,
+                     p.max_steps, headline, score, best_score, best_step)
+            stop = bad_evals >= p.patience
             if ckpt_path is not None:
                 state = {"key": key, "net": snapshot_state(net), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "g_aug": g_aug.get_state(), "step": step,
@@ -296,11 +311,12 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
                          "scaler": scaler.state_dict() if scaler is not None else None}
                 with atomic_path(ckpt_path) as tmp:
                     torch.save(state, tmp)
-                _after_checkpoint(step)
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
             if stop:
                 stopped_early = True
                 break
-    bar.close()
+    steps_bar.close()
     net.load_state_dict(best_state)  # restore the best weights
     outcome = TrialOutcome(lr=lr, weight_decay=weight_decay, best_state=best_state, best_score=best_score,
                            best_loss=best_loss, best_step=best_step, steps=step, stopped_early=stopped_early,
@@ -312,11 +328,6 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
     return net, outcome
 
 
-# the copy function used for the best weights; tests swap in an aliasing version to prove
-# that the restore test catches the original code's bug
-SNAPSHOT = snapshot_state
-
-
 def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> list[tuple[float, float]]:
     """(lr, weight_decay) pairs to try. ``search``: False (just the given pair), True (the default
     3 x 3 grid around the paper's values), ``{"lr": [...], "weight_decay": [...]}`` (a grid), or
@@ -326,10 +337,10 @@ def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> lis
     if search is True:
         search = {"lr": [1e-3, 1e-2, 1e-1], "weight_decay": [1e-8, 1e-5, 1e-4]}
     if not isinstance(search, dict):
-        raise ValueError(f"finetune: search must be false, true or a dict, got {search!r}")
+        raise UsageError(f"finetune: search must be false, true or a dict, got {search!r}")
     unknown = sorted(set(search) - {"lr", "weight_decay", "random"})
     if unknown:
-        raise ValueError(f"finetune: unknown search key(s) {unknown}; use lr, weight_decay, random")
+        raise UsageError(f"finetune: unknown search key(s) {unknown}; use lr, weight_decay, random")
     lrs = [float(v) for v in search.get("lr", [lr])]
     wds = [float(v) for v in search.get("weight_decay", [weight_decay])]
     if "random" not in search:
@@ -340,53 +351,54 @@ def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> lis
     def draw(bounds: list[float]) -> float:
         lo, hi = (bounds[0], bounds[-1])
         if lo <= 0 or hi <= 0:
-            raise ValueError(f"finetune: random search bounds must be positive, got {bounds}")
+            raise UsageError(f"finetune: random search bounds must be positive, got {bounds}")
         return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
     return [(draw(lrs), draw(wds)) for _ in range(n)]
 
 
-def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device: str | torch.device | None = None,
-                   workdir: str | Path | None = None, **params: Any) -> tuple[FinetuneNet, EvalResult]:
+def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams | None = None, *, seed: int = 0,
+                   device: str | torch.device | None = None, workdir: str | Path | None = None,
+                   snapshot: Snapshot = snapshot_state,
+                   on_checkpoint: CheckpointHook | None = None) -> tuple[FinetuneNet, EvalResult]:
     """Finetune a copy of ``model`` (the caller's model is never changed); returns the restored
-    best network and the result (test metrics of the best trial on validation)."""
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"finetune: unknown parameter(s) {unknown}; parameters: {', '.join(sorted(DEFAULTS))}")
-    p = {**DEFAULTS, **params}
-    if p["val_every"] <= 0 or p["max_steps"] <= 0 or p["batch_size"] <= 0 or p["patience"] <= 0:
-        raise ValueError("finetune: max_steps, batch_size, val_every and patience must be positive")
-    dev = torch.device(resolve_device(device))
+    best network and the result (test metrics of the best trial on validation).
+
+    ``snapshot`` copies the best weights (the default makes an independent copy; a function
+    returning ``net.state_dict()`` reproduces the authors' aliasing bug); ``on_checkpoint(step)``
+    is called after every checkpoint written to ``workdir``.
+    """
+    p = p if p is not None else FinetuneParams()
+    dev = torch.device(resolve_device(device if device is None else str(device)))
     what = f"prepared images {prepared.dataset or prepared.key}"
     if prepared.array.ndim != 4 or prepared.array.dtype != np.uint8 or prepared.array.shape[-1] not in (1, 3):
-        raise ValueError(f"{what}: expected N x S x S x (1|3) uint8 images, got {prepared.array.shape} {prepared.array.dtype}")
+        raise UsageError(f"{what}: expected N x S x S x (1|3) uint8 images, got {prepared.array.shape} {prepared.array.dtype}")
     labels = prepared.labels
     if len(labels) != len(prepared.array):
-        raise ValueError(f"{what}: {len(prepared.array)} images but {len(labels)} records")
+        raise UsageError(f"{what}: {len(prepared.array)} images but {len(labels)} records")
     k = max(len(prepared.class_names), int(labels.max()) + 1)
-    val_seed = seed if p["val_seed"] is None else int(p["val_seed"])
-    sp = many_shot_splits(prepared.splits, labels, val_fraction=p["val_fraction"], val_seed=val_seed,
-                          stratified=p["val_stratified"], what=what)
+    val_seed = seed if p.val_seed is None else int(p.val_seed)
+    sp = many_shot_splits(prepared.splits, labels, val_fraction=p.val_fraction, val_seed=val_seed,
+                          stratified=p.val_stratified, what=what)
     if prepared.bad:  # undecodable images (prepared with skip_bad) are zeros: leave them out
         bad = np.asarray(prepared.bad, dtype=np.int64)
         sp = SplitIndices(np.setdiff1d(sp.train, bad), np.setdiff1d(sp.val, bad), np.setdiff1d(sp.test, bad),
                           sp.val_source)
         if not (sp.train.size and sp.val.size and sp.test.size):
-            raise ValueError(f"{what}: no usable images left in a split after skipping {bad.size} bad images")
-    headline = p["headline_metric"] or prepared.meta.get("headline_metric", "accuracy")
+            raise UsageError(f"{what}: no usable images left in a split after skipping {bad.size} bad images")
+    headline = p.headline_metric or prepared.headline_metric
     wd_root = Path(workdir) if workdir is not None else None
-    trials = search_trials(p["search"], p["lr"], p["weight_decay"], seed)
-    train_keys = ("momentum", "nesterov", "max_steps", "batch_size", "val_every", "patience", "image_size",
-                  "crop_scale", "crop_ratio", "hflip", "amp", "val_fraction", "val_seed", "val_stratified",
-                  "headline_metric")
+    trials = search_trials(p.search, p.lr, p.weight_decay, seed)
+    train_settings = {n: v for n, v in p.key().items() if n not in ("lr", "weight_decay", "search")}
     outcomes: list[TrialOutcome] = []
     best_net: FinetuneNet | None = None
     for i, (lr, wd) in enumerate(trials):
-        key = content_key(VERSION, model.weights_hash, prepared.key, seed, lr, wd, k, headline,
-                          {n: p[n] for n in train_keys}, str(dev.type))
+        key = content_key(VERSION, model.fingerprint, prepared.key, seed, lr, wd, k, headline,
+                          train_settings, autocast_name(p, dev))
         trial_dir = None if wd_root is None else (wd_root / f"trial-{i:02d}" if len(trials) > 1 else wd_root)
         net, out = _train_once(model, prepared, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
-                               workdir=trial_dir, key=key, headline=headline, p=p)
+                               workdir=trial_dir, key=key, headline=headline, p=p, snapshot=snapshot,
+                               on_checkpoint=on_checkpoint)
         outcomes.append(out)
         best_i = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
         if best_i == i:
@@ -399,9 +411,8 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
     chosen = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
     best = outcomes[chosen]
     assert best_net is not None
-    metrics, _, warns = evaluate_net(best_net, prepared, sp.test, labels, size=p["image_size"],
-                                     batch_size=p["eval_batch_size"], device=dev,
-                                     amp=p["amp"] if p["amp"] is not None else dev.type == "cuda", headline=headline)
+    metrics, _, warns = evaluate_net(best_net, prepared, sp.test, labels, size=p.image_size,
+                                     batch_size=p.eval_batch_size, device=dev, amp=use_amp(p, dev), headline=headline)
     metrics["lr"] = best.lr
     metrics["weight_decay"] = best.weight_decay
     details = {
@@ -416,53 +427,90 @@ def finetune_model(model: Backbone, prepared: PreparedImages, *, seed: int = 0, 
         "resumed_from": best.resumed_from,
         "trials": [o.record() for o in outcomes],
         "chosen_trial": chosen,
-        "search": p["search"] if p["search"] else False,
+        "search": p.search if p.search else False,
         "splits": sp.as_dict(),
         "skipped_bad_images": len(prepared.bad),
         "val_seed": val_seed,
         "device": str(dev),
-        "amp": bool(p["amp"] if p["amp"] is not None else dev.type == "cuda"),
+        "amp": use_amp(p, dev),
+        "autocast": autocast_name(p, dev),
         "model": model.name,
         "weights": model.weights,
     }
-    params_used = {n: p[n] for n in DEFAULTS}
-    return best_net, EvalResult(protocol="finetune", metrics=metrics, params=params_used, details=details,
-                                warnings=warns)
+    return best_net, EvalResult(protocol="finetune", metrics=metrics, params=p.to_dict(), details=details,
+                                warnings=warns, headline=Headline(headline, float(metrics["headline"]), None, True))
 
 
-def run_finetune(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device: str | None = None,
-                 workdir: str | Path | None = None, **params: Any) -> EvalResult:
-    """The registered protocol entry point: finetune and return the result only."""
-    return finetune_model(model, prepared, seed=seed, device=device, workdir=workdir, **params)[1]
+def use_amp(p: FinetuneParams, device: torch.device) -> bool:
+    """Mixed precision: as set, else on CUDA only."""
+    return bool(p.amp) if p.amp is not None else device.type == "cuda"
 
 
-DEFAULTS: dict[str, Any] = {
-    "lr": 1e-2,
-    "weight_decay": 1e-8,
-    "momentum": 0.9,
-    "nesterov": True,
-    "max_steps": 5000,
-    "batch_size": 64,  # the paper used 16 for DenseNet-121
-    "val_every": 200,
-    "patience": 3,
-    "image_size": 224,
-    "crop_scale": [0.08, 1.0],
-    "crop_ratio": [3 / 4, 4 / 3],
-    "hflip": True,
-    "eval_batch_size": 128,
-    "amp": None,  # None: mixed precision on CUDA (bf16 when supported, else fp16 + loss scaling)
-    "val_fraction": 0.2,
-    "val_seed": None,  # None: the run seed
-    "val_stratified": True,
-    "headline_metric": None,  # None: prepared.meta["headline_metric"] or accuracy
-    "search": False,
-    "progress": False,
-}
+def autocast_name(p: FinetuneParams, device: torch.device | str) -> str:
+    """The arithmetic a finetune runs in on ``device`` ("fp32", or "bf16"/"fp16" autocast on
+    CUDA): it changes the numbers, so it enters run keys."""
+    dev = torch.device(device)
+    if not use_amp(p, dev) or dev.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _check_search(value: Any) -> None:
+    search_trials(value, 1e-2, 1e-8, 0)
+
+
+@dataclass(frozen=True)
+class FinetuneParams(Params):
+    """Finetuning settings (the paper's: SGD Nesterov 0.9, lr 1e-2, wd 1e-8, cosine over 5000 steps,
+    batch 64, validation every 200 steps, patience 3)."""
+
+    lr: float = setting(1e-2, check=positive, help="learning rate")
+    weight_decay: float = setting(1e-8, help="weight decay")
+    momentum: float = setting(0.9, help="SGD momentum")
+    nesterov: bool = setting(True, help="Nesterov momentum")
+    max_steps: int = setting(5000, check=positive, help="training steps (cosine schedule length)")
+    batch_size: int = setting(64, check=positive, help="training batch (the paper used 16 for DenseNet-121)")
+    val_every: int = setting(200, check=positive, help="steps between validations")
+    patience: int = setting(3, check=positive, help="validations without improvement before stopping")
+    image_size: int = setting(224, check=positive, help="training crop size")
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), help="RandomResizedCrop scale range")
+    crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), help="RandomResizedCrop aspect range")
+    hflip: bool = setting(True, help="random horizontal flips")
+    amp: bool | None = setting(None, help="mixed precision (None: on CUDA; bf16 where supported, else fp16)")
+    val_fraction: float = setting(0.2, check=fraction, help="carved from train when there is no val split")
+    val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
+    val_stratified: bool = setting(True, help="carve validation stratified by class")
+    headline_metric: str | None = setting(None, help="early-stopping metric (None: the dataset's headline)")
+    search: Any = setting(False, check=_check_search, help="lr/weight-decay search: false, true (3 x 3 grid), "
+                          "{lr: [...], weight_decay: [...]} or {random: n, lr: [lo, hi], weight_decay: [lo, hi]}")
+    eval_batch_size: int = setting(128, check=positive, execution=True, help="evaluation batch")
+
+    def __post_init__(self) -> None:
+        if self.headline_metric is not None and self.headline_metric not in HEADLINE_METRICS:
+            raise ValueError(f"headline_metric={self.headline_metric!r} is not one of {', '.join(HEADLINE_METRICS)}")
+
 
 PAPER = {"val_seed": 0, "val_stratified": False}
 
+
+def _run(ctx: Context, p: FinetuneParams, seed: int) -> EvalResult:
+    workdir = ctx.workdir()
+    result = finetune_model(ctx.model, ctx.prepared(), p, seed=seed, device=ctx.device, workdir=workdir)[1]
+    if workdir is not None:
+        result.files = [str(f) for f in sorted(workdir.rglob(FINAL))]
+    return result
+
+
+def _check(view: LabelView, p: FinetuneParams, seed: int) -> None:
+    val_seed = seed if p.val_seed is None else int(p.val_seed)
+    many_shot_splits(view.splits, view.labels, val_fraction=p.val_fraction, val_seed=val_seed,
+                     stratified=p.val_stratified, what=f"dataset {view.name!r}")
+
+
 register_protocol(Protocol(
-    name="finetune", needs="images", run=run_finetune, defaults=DEFAULTS, version=VERSION,
+    name="finetune", version=VERSION, params=FinetuneParams, run=_run, check=_check,
+    needs=Needs(images=True, model=True, accelerator="gpu"),
+    key_extras=lambda p, device: {"autocast": autocast_name(p, device)},
     description="backbone + new linear head, all parameters trained with SGD/cosine, early stopping "
                 "on validation with the best weights restored, scored on test",
     compat={"paper": PAPER},

@@ -18,17 +18,31 @@ import time
 import warnings as pywarnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
-from medxfer.protocols.base import EvalResult, Protocol, register_protocol
+from medxfer.progress import progress_enabled
+from medxfer.protocols.base import (
+    EvalResult,
+    Headline,
+    LabelView,
+    Needs,
+    Params,
+    Protocol,
+    register_protocol,
+)
 from medxfer.protocols.logreg import fit_path
-from medxfer.protocols.metrics import classification_metrics
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
 from medxfer.protocols.splits import many_shot_splits
 from medxfer.registry import Registry
+from medxfer.typed import fraction, positive, setting
+
+if TYPE_CHECKING:
+    from medxfer.cell import Context
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +71,10 @@ SOLVERS: Registry[Solver] = Registry("linear-probe solver")
 
 
 def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_all: np.ndarray, y_all: np.ndarray,
-                    x_test: np.ndarray, lambdas: np.ndarray, k: int, params: dict[str, Any]) -> GridFit:
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if params["dtype"] not in dtypes:
-        raise ValueError(f"linear: dtype must be one of {', '.join(dtypes)}, got {params['dtype']!r}")
-    dtype = dtypes[params["dtype"]]
-    opts = dict(num_classes=k, tol=params["tol"], max_iter=params["max_iter"], history=params["history"],
-                device=params["device"], dtype=dtype, matmul=params["matmul"], progress=params["progress"])
+                    x_test: np.ndarray, lambdas: np.ndarray, k: int, params: LinearParams, device: str) -> GridFit:
+    dtype = {"float32": torch.float32, "float64": torch.float64}[params.dtype]
+    opts = dict(num_classes=k, tol=params.tol, max_iter=params.max_iter, history=params.history,
+                device=device, dtype=dtype, matmul=params.matmul, progress=progress_enabled())
     path = fit_path(x_fit, y_fit, lambdas, **opts)
     val_proba = path.predict_proba(x_val)
 
@@ -74,26 +85,24 @@ def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
                        init=(path.coef[i : i + 1], path.intercept[i : i + 1]), **opts)
         return one.predict_proba(x_test)[0], int(one.n_iter[0]), bool(one.converged[0])
 
-    info = {"device": path.device, "dtype": params["dtype"], "matmul": path.matmul, "grad_max": path.grad_max.tolist(),
+    info = {"device": path.device, "dtype": params.dtype, "matmul": path.matmul, "grad_max": path.grad_max.tolist(),
             "stopping": "max |gradient| over coefficients and intercepts <= tol (exact products), or max_iter"}
     return GridFit(val_proba, path.n_iter.tolist(), path.converged.tolist(), refit, info)
 
 
 def _sklearn_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_all: np.ndarray, y_all: np.ndarray,
-                    x_test: np.ndarray, lambdas: np.ndarray, k: int, params: dict[str, Any]) -> GridFit:
+                    x_test: np.ndarray, lambdas: np.ndarray, k: int, params: LinearParams, device: str) -> GridFit:
     try:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
     except ImportError as exc:  # a test/compat-only dependency
-        raise ImportError("solver 'sklearn-lbfgs' (used by --compat paper) needs scikit-learn: "
-                          "pip install 'medxfer[test]' or pip install scikit-learn") from exc
-    order_name = params["warm_start_order"]
+        raise UsageError("solver 'sklearn-lbfgs' (used by --compat paper) needs scikit-learn: "
+                         "pip install 'medxfer[test]' or pip install scikit-learn") from exc
+    order_name = params.warm_start_order
     orders = {"weak_to_strong": np.arange(len(lambdas)), "strong_to_weak": np.arange(len(lambdas))[::-1],
               "none": np.arange(len(lambdas))}
-    if order_name not in orders:
-        raise ValueError(f"warm_start_order must be one of {', '.join(orders)}, got {order_name!r}")
     warm = order_name != "none"
-    clf = LogisticRegression(solver="lbfgs", max_iter=params["max_iter"], tol=params["tol"], warm_start=warm)
+    clf = LogisticRegression(solver="lbfgs", max_iter=params.max_iter, tol=params.tol, warm_start=warm)
     val_proba = np.zeros((len(lambdas), len(x_val), k))
     n_iter = [0] * len(lambdas)
     converged = [True] * len(lambdas)
@@ -140,41 +149,36 @@ def _select(curve: list[float], rule: str) -> int:
     as in the authors' sweep) or to the strongest regularisation (``"strongest"``)."""
     best = max(curve)
     ties = [i for i, v in enumerate(curve) if v == best]
-    rules = {"first": ties[0], "strongest": ties[-1]}
-    if rule not in rules:
-        raise ValueError(f"tie_break must be one of {', '.join(rules)}, got {rule!r}")
-    return rules[rule]
+    return {"first": ties[0], "strongest": ties[-1]}[rule]
 
 
-def run_linear(features: FeatureSet, *, seed: int = 0, **params: Any) -> EvalResult:
-    """Linear-probe ``features`` (train/val/test splits) and score the chosen C on test."""
-    p = {**DEFAULTS, **params}
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"linear: unknown parameter(s) {unknown}; parameters: {', '.join(sorted(DEFAULTS))}")
+def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: str = "cpu") -> EvalResult:
+    """Linear-probe ``features`` (train/val/test splits) and score the chosen C on test; the
+    solver runs on ``p.device`` when set, else on ``device`` (the run's)."""
     what = f"feature set {features.model}/{features.dataset}"
     x = np.asarray(features.features, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise ValueError(f"{what}: NaN/inf features in rows {bad[:10].tolist()} (e.g. {features.records[bad[0]].path})")
+        raise UsageError(f"{what}: NaN/inf features in rows {bad[:10].tolist()} (e.g. {features.records[bad[0]].path})")
     y = np.asarray(features.labels, dtype=np.int64)
     k = max(len(features.class_names), int(y.max()) + 1)
-    val_seed = seed if p["val_seed"] is None else int(p["val_seed"])
-    sp = many_shot_splits(features.splits, y, val_fraction=p["val_fraction"], val_seed=val_seed,
-                          stratified=p["val_stratified"], what=what)
+    val_seed = seed if p.val_seed is None else int(p.val_seed)
+    sp = many_shot_splits(features.splits, y, val_fraction=p.val_fraction, val_seed=val_seed,
+                          stratified=p.val_stratified, what=what)
     headline = features.headline_metric
-    select_metric = p["select_metric"] or headline
-    lambdas = lambda_grid(p["grid_min"], p["grid_max"], p["grid_size"])
+    select_metric = p.select_metric or headline
+    lambdas = lambda_grid(p.grid_min, p.grid_max, p.grid_size)
     all_idx = np.concatenate([sp.train, sp.val])
 
     t0 = time.perf_counter()
-    solver = SOLVERS.get(p["solver"])
-    fit = solver(x[sp.train], y[sp.train], x[sp.val], x[all_idx], y[all_idx], x[sp.test], lambdas, k, p)
+    solver = SOLVERS.get(p.solver)
+    fit = solver(x[sp.train], y[sp.train], x[sp.val], x[all_idx], y[all_idx], x[sp.test], lambdas, k, p,
+                 p.device or device)
     t_path = time.perf_counter() - t0
     val_scores = [classification_metrics(y[sp.val], fit.val_proba[i], select_metric)[0]["headline"]
                   for i in range(len(lambdas))]
     val_acc = [float(100.0 * np.mean(fit.val_proba[i].argmax(1) == y[sp.val])) for i in range(len(lambdas))]
-    best = _select(val_scores, p["tie_break"])
+    best = _select(val_scores, p.tie_break)
     t1 = time.perf_counter()
     test_proba, refit_iter, refit_conv = fit.refit(best)
     t_refit = time.perf_counter() - t1
@@ -183,8 +187,8 @@ def run_linear(features: FeatureSet, *, seed: int = 0, **params: Any) -> EvalRes
     metrics["C"] = float(grid_c[best])
     non_conv = [grid_c[i] for i, c in enumerate(fit.converged) if not c]
     if non_conv:
-        warns.append(f"{len(non_conv)} of {len(lambdas)} path fits did not converge (tol={p['tol']}, "
-                     f"max_iter={p['max_iter']}); C values listed in details.non_converged")
+        warns.append(f"{len(non_conv)} of {len(lambdas)} path fits did not converge (tol={p.tol}, "
+                     f"max_iter={p.max_iter}); C values listed in details.non_converged")
     if not refit_conv:
         warns.append(f"the final refit (C={grid_c[best]:.6g}) did not converge")
     for w in warns:
@@ -203,43 +207,65 @@ def run_linear(features: FeatureSet, *, seed: int = 0, **params: Any) -> EvalRes
         "chosen_lambda": float(lambdas[best]),
         "refit_iterations": int(refit_iter),
         "refit_converged": bool(refit_conv),
-        "tolerance": float(p["tol"]),
-        "solver": p["solver"],
+        "tolerance": float(p.tol),
+        "solver": p.solver,
         "solver_info": fit.info,
         "splits": sp.as_dict(),
         "val_seed": val_seed,
-        "val_stratified": bool(p["val_stratified"]) if sp.val_source == "carved" else None,
+        "val_stratified": bool(p.val_stratified) if sp.val_source == "carved" else None,
         "timing_s": {"path": t_path, "refit": t_refit},
     }
-    params_used = {key: p[key] for key in DEFAULTS}
-    return EvalResult(protocol="linear", metrics=metrics, params=params_used, details=details, warnings=warns)
+    return EvalResult(protocol="linear", metrics=metrics, params=p.to_dict(), details=details, warnings=warns,
+                      headline=Headline(headline, float(metrics["headline"]), None, True))
 
 
-DEFAULTS: dict[str, Any] = {
-    "grid_min": -6.0,  # lambda = logspace(grid_min, grid_max, grid_size), C = 1 / lambda
-    "grid_max": 5.0,
-    "grid_size": 45,
-    "val_fraction": 0.2,  # carved from train when the dataset has no val split
-    "val_seed": None,  # None: the run seed
-    "val_stratified": True,
-    "select_metric": None,  # None: the dataset's headline metric
-    "tie_break": "first",
-    "solver": "medxfer",
-    "tol": 1e-4,
-    "max_iter": 1000,
-    "history": 10,
-    "warm_start_order": "none",  # sklearn-lbfgs only: none | weak_to_strong | strong_to_weak
-    "device": None,  # None: cuda when available
-    "dtype": "float32",
-    "matmul": "auto",  # medxfer solver: auto | bf16 (verified exactly) | exact
-    "progress": False,
-}
+@dataclass(frozen=True)
+class LinearParams(Params):
+    """Linear-probe settings (lambda = logspace(grid_min, grid_max, grid_size), C = 1 / lambda)."""
+
+    grid_min: float = setting(-6.0, help="log10 of the smallest lambda")
+    grid_max: float = setting(5.0, help="log10 of the largest lambda")
+    grid_size: int = setting(45, check=positive, help="number of grid values")
+    val_fraction: float = setting(0.2, check=fraction, help="carved from train when the dataset has no val split")
+    val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
+    val_stratified: bool = setting(True, help="carve validation stratified by class")
+    select_metric: str | None = setting(None, help="metric choosing C (None: the dataset's headline metric)")
+    tie_break: Literal["first", "strongest"] = setting("first", help="equal validation scores: weakest or "
+                                                       "strongest regularisation")
+    solver: str = setting("medxfer", help="medxfer (batched L-BFGS path) or sklearn-lbfgs")
+    tol: float = setting(1e-4, check=positive, help="stopping tolerance")
+    max_iter: int = setting(1000, check=positive, help="iterations per fit")
+    history: int = setting(10, check=positive, help="L-BFGS memory")
+    warm_start_order: Literal["none", "weak_to_strong", "strong_to_weak"] = setting(
+        "none", help="sklearn-lbfgs only: warm starts along the grid")
+    dtype: Literal["float32", "float64"] = setting("float32", help="medxfer solver precision")
+    matmul: Literal["auto", "bf16", "exact"] = setting("auto", help="medxfer solver: bf16 products (verified "
+                                                       "exactly) where fast, or exact float32")
+    device: str | None = setting(None, execution=True, help="solver device (None: the run's device)")
+
+    def __post_init__(self) -> None:
+        SOLVERS.canonical(self.solver)  # an unknown solver is an error now, not after the extraction
+        if self.select_metric is not None and self.select_metric not in HEADLINE_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r} is not one of {', '.join(HEADLINE_METRICS)}")
+
 
 PAPER = {"solver": "sklearn-lbfgs", "max_iter": 100, "warm_start_order": "weak_to_strong",
          "val_seed": 0, "val_stratified": False}
 
+
+def _run(ctx: Context, p: LinearParams, seed: int) -> EvalResult:
+    return evaluate_linear(ctx.features(), p, seed, device=ctx.device)
+
+
+def _check(view: LabelView, p: LinearParams, seed: int) -> None:
+    val_seed = seed if p.val_seed is None else int(p.val_seed)
+    many_shot_splits(view.splits, view.labels, val_fraction=p.val_fraction, val_seed=val_seed,
+                     stratified=p.val_stratified, what=f"dataset {view.name!r}")
+
+
 register_protocol(Protocol(
-    name="linear", needs="features", run=run_linear, defaults=DEFAULTS, version=VERSION,
+    name="linear", version=VERSION, params=LinearParams, run=_run, check=_check,
+    needs=Needs(features=("pooled",), accelerator="cpu"),
     description="multinomial L2 logistic regression on frozen features, C chosen on validation "
                 "from 45 values, refit on train+val, scored on test",
     compat={"paper": PAPER},

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from medxfer.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 HEADLINE_METRICS = ("accuracy", "mean_per_class_accuracy", "balanced_accuracy", "auroc")
@@ -20,9 +22,9 @@ def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarr
     yt = np.asarray(y_true).astype(np.int64).ravel()
     yp = np.asarray(y_pred).astype(np.int64).ravel()
     if yt.shape != yp.shape:
-        raise ValueError(f"y_true and y_pred differ in length: {yt.shape[0]} vs {yp.shape[0]}")
+        raise UsageError(f"y_true and y_pred differ in length: {yt.shape[0]} vs {yp.shape[0]}")
     if yt.size == 0:
-        raise ValueError("cannot compute a metric on an empty set")
+        raise UsageError("cannot compute a metric on an empty set")
     return yt, yp
 
 
@@ -77,7 +79,7 @@ def binary_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     yt = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if yt.shape != s.shape:
-        raise ValueError(f"labels and scores differ in length: {yt.size} vs {s.size}")
+        raise UsageError(f"labels and scores differ in length: {yt.size} vs {s.size}")
     n_pos = int(yt.sum())
     n_neg = yt.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -98,7 +100,7 @@ def auroc(y_true: np.ndarray, proba: np.ndarray) -> float:
     p = np.asarray(proba, dtype=np.float64)
     yt = np.asarray(y_true).astype(np.int64).ravel()
     if p.ndim != 2 or p.shape[0] != yt.size:
-        raise ValueError(f"proba must be N x K with N={yt.size}, got {p.shape}")
+        raise UsageError(f"proba must be N x K with N={yt.size}, got {p.shape}")
     k = p.shape[1]
     if k == 2:
         return binary_auroc(yt == 1, p[:, 1])
@@ -116,7 +118,7 @@ def classification_metrics(
     out of ``metrics`` and explained in ``warnings``.
     """
     if headline not in HEADLINE_METRICS:
-        raise ValueError(f"unknown headline metric {headline!r}; choose from {', '.join(HEADLINE_METRICS)}")
+        raise UsageError(f"unknown headline metric {headline!r}; choose from {', '.join(HEADLINE_METRICS)}")
     p = np.asarray(proba)
     pred = p.argmax(axis=1)
     out: dict[str, float] = {
@@ -131,7 +133,7 @@ def classification_metrics(
     else:
         out["auroc"] = a
     if headline not in out:
-        raise ValueError(f"headline metric {headline!r} is undefined on this split")
+        raise UsageError(f"headline metric {headline!r} is undefined on this split")
     out["headline"] = out[headline]
     return out, warnings
 
@@ -141,5 +143,5 @@ def metric_fn(name: str) -> Any:
     fns = {"accuracy": accuracy, "mean_per_class_accuracy": mean_per_class_accuracy,
            "balanced_accuracy": balanced_accuracy}
     if name not in fns:
-        raise ValueError(f"{name!r} cannot select hyper-parameters; choose from {', '.join(fns)}")
+        raise UsageError(f"{name!r} cannot select hyper-parameters; choose from {', '.join(fns)}")
     return fns[name]

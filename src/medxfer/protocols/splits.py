@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medxfer.errors import UsageError
+
 
 @dataclass(frozen=True)
 class SplitIndices:
@@ -28,14 +30,14 @@ def carve_validation(labels: np.ndarray, fraction: float, seed: int, stratified:
     one per class with two or more images, so every class with data is in both parts.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+        raise UsageError(f"validation fraction must be in (0, 1), got {fraction}")
     n = len(labels)
     rng = np.random.default_rng(seed)
     if not stratified:
         perm = rng.permutation(n)
         n_val = int(round(fraction * n))
         if n_val == 0 or n_val == n:
-            raise ValueError(f"cannot carve a {fraction:.0%} validation split from {n} training rows")
+            raise UsageError(f"cannot carve a {fraction:.0%} validation split from {n} training rows")
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
     val_parts = []
     for c in np.unique(labels):
@@ -49,7 +51,7 @@ def carve_validation(labels: np.ndarray, fraction: float, seed: int, stratified:
         val_parts.append(rows[:n_val])
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], dtype=np.int64)
     if val.size == 0:
-        raise ValueError(f"cannot carve a validation split from {n} training rows")
+        raise UsageError(f"cannot carve a validation split from {n} training rows")
     fit = np.setdiff1d(np.arange(n), val)
     return fit, val
 
@@ -63,12 +65,12 @@ def many_shot_splits(splits: np.ndarray, labels: np.ndarray, *, val_fraction: fl
     test = np.flatnonzero(splits == "test")
     unknown = sorted(set(splits.tolist()) - {"train", "val", "test"})
     if unknown:
-        raise ValueError(f"{what}: unknown split name(s) {unknown}; expected train/val/test")
+        raise UsageError(f"{what}: unknown split name(s) {unknown}; expected train/val/test")
     if test.size == 0:
-        raise ValueError(f"{what} has no 'test' split: the many-shot protocols report test metrics "
+        raise UsageError(f"{what} has no 'test' split: the many-shot protocols report test metrics "
                          "(give the dataset a test split, e.g. a seeded split option of its adapter)")
     if train.size == 0:
-        raise ValueError(f"{what} has no 'train' split")
+        raise UsageError(f"{what} has no 'train' split")
     if val.size:
         return SplitIndices(train, val, test, "dataset")
     fit_pos, val_pos = carve_validation(np.asarray(labels)[train], val_fraction, val_seed, stratified)

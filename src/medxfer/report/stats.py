@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medxfer.errors import UsageError
+
 
 @dataclass(frozen=True)
 class PairedDifference:
@@ -23,7 +25,7 @@ def paired_difference(a: list[float] | np.ndarray, b: list[float] | np.ndarray) 
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
-        raise ValueError(f"paired comparison needs two equal-length episode lists, got {x.shape} and {y.shape}")
+        raise UsageError(f"paired comparison needs two equal-length episode lists, got {x.shape} and {y.shape}")
     d = x - y
     mean = float(d.mean())
     se = float(d.std(ddof=1) / math.sqrt(len(d)))

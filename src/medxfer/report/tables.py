@@ -5,11 +5,11 @@ import csv
 import io
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from medxfer.report.stats import paired_difference
+from medxfer.results import Result
 
 
 @dataclass(frozen=True)
@@ -19,21 +19,19 @@ class TableCell:
     seeds: int
 
 
-def headline(result: dict[str, Any]) -> tuple[str, float, float | None]:
-    """(metric name, value, 95% half-width or None) of one result."""
-    m = result["metrics"]
-    name = result.get("details", {}).get("headline_metric") or "accuracy"
-    if "headline" in m:
-        return name, float(m["headline"]), m.get("ci95")
-    return "accuracy", float(m["accuracy"]), m.get("ci95")
+def table_name(result: Result) -> str:
+    """The table a result goes in: its protocol, and its variant when the user changed settings
+    (``fewshot (n_shot=10)``), so variants are never averaged together."""
+    if not result.variant:
+        return result.protocol
+    return f"{result.protocol} ({', '.join(f'{k}={v}' for k, v in result.variant.items())})"
 
 
-def collect(results: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], TableCell]]:
-    """protocol -> (model, dataset) -> cell averaged over seeds."""
+def collect(results: list[Result]) -> dict[str, dict[tuple[str, str], TableCell]]:
+    """table -> (model, dataset) -> cell averaged over seeds."""
     raw: dict[str, dict[tuple[str, str], list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        _, value, ci = headline(r)
-        raw[r["protocol"]][(r["model"], r["dataset"])].append((value, ci))
+        raw[table_name(r)][(r.model, r.dataset)].append((r.headline.value, r.headline.ci95))
     out: dict[str, dict[tuple[str, str], TableCell]] = {}
     for proto, cells in raw.items():
         out[proto] = {}
@@ -63,25 +61,24 @@ def _fmt(cell: TableCell | None) -> str:
     return s
 
 
-def protocol_tables(results: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[str], dict]]:
-    """protocol -> (models, datasets, cells) in first-seen order."""
+def protocol_tables(results: list[Result]) -> dict[str, tuple[list[str], list[str], dict]]:
+    """table -> (models, datasets, cells) in first-seen order."""
     tables = {}
-    by_proto = collect(results)
-    for proto, cells in by_proto.items():
-        models = list(dict.fromkeys(r["model"] for r in results if r["protocol"] == proto))
-        datasets = list(dict.fromkeys(r["dataset"] for r in results if r["protocol"] == proto))
-        tables[proto] = (models, datasets, cells)
+    for name, cells in collect(results).items():
+        models = list(dict.fromkeys(r.model for r in results if table_name(r) == name))
+        datasets = list(dict.fromkeys(r.dataset for r in results if table_name(r) == name))
+        tables[name] = (models, datasets, cells)
     return tables
 
 
-def summary_markdown(results: list[dict[str, Any]]) -> str:
+def summary_markdown(results: list[Result]) -> str:
     """The run's summary: a table per protocol (mean ± 95% CI where the protocol has one;
     **best** and _second best_ per dataset), then which weights every model used."""
     if not results:
         return "# medxfer results\n\nNo results yet.\n"
     lines = ["# medxfer results", ""]
     for proto, (models, datasets, cells) in protocol_tables(results).items():
-        metric_names = sorted({headline(r)[0] for r in results if r["protocol"] == proto})
+        metric_names = sorted({r.headline.metric for r in results if table_name(r) == proto})
         lines += [f"## {proto} ({', '.join(metric_names)}, percent)", ""]
         lines.append("| model | " + " | ".join(datasets) + " |")
         lines.append("|---|" + "---|" * len(datasets))
@@ -102,13 +99,12 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
     lines += ["## Weights", ""]
     seen = {}
     for r in results:
-        info = r.get("model_info", {})
-        seen.setdefault(r["model"], info)
+        seen.setdefault(r.model, r.model_info)
     for name, info in seen.items():
-        tag = " — RANDOMLY INITIALISED, not pretrained" if info.get("random_weights") else ""
-        lines.append(f"- {name}: {info.get('weights', '?')}{tag}")
-    warnings = sorted({w for r in results for w in r.get("warnings", [])})
-    problems = sorted({p for r in results for p in r.get("dataset_info", {}).get("problems", [])})
+        tag = " — RANDOMLY INITIALISED, not pretrained" if info.random_weights else ""
+        lines.append(f"- {name}: {info.weights}{tag}")
+    warnings = sorted({w for r in results for w in r.warnings})
+    problems = sorted({p for r in results for p in r.dataset_info.problems})
     if warnings or problems:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings + problems[:50]]
         if len(problems) > 50:
@@ -116,25 +112,26 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_section(results: list[dict[str, Any]]) -> list[str]:
+def paired_section(results: list[Result]) -> list[str]:
     """Few-shot: each model against the best one on the same episodes (seed 0 or the first seed)."""
-    by_ds: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    by_ds: dict[str, dict[str, Result]] = defaultdict(dict)
     for r in results:
-        if r["protocol"] == "fewshot" and "episode_accuracies" in r:
-            by_ds[r["dataset"]].setdefault(r["model"], r)
+        if r.protocol == "fewshot" and r.episode_accuracies is not None:
+            by_ds[table_name(r) + "\0" + r.dataset].setdefault(r.model, r)
     rows = []
-    for ds, per_model in by_ds.items():
+    for key, per_model in by_ds.items():
+        ds = key.split("\0", 1)[1]
         if len(per_model) < 2:
             continue
-        best = max(per_model, key=lambda m: per_model[m]["metrics"]["accuracy"])
+        best = max(per_model, key=lambda m: per_model[m].headline.value)
         for m, r in per_model.items():
             if m == best:
                 continue
-            same = r["details"].get("episodes_sha256") == per_model[best]["details"].get("episodes_sha256")
+            same = r.details.get("episodes_sha256") == per_model[best].details.get("episodes_sha256")
             if not same:
                 rows.append(f"| {ds} | {m} | {best} | different episodes: not paired | |")
                 continue
-            d = paired_difference(r["episode_accuracies"], per_model[best]["episode_accuracies"])
+            d = paired_difference(r.episode_accuracies, per_model[best].episode_accuracies)
             rows.append(f"| {ds} | {m} | {best} | {d.mean:+.2f} ± {d.ci95:.2f} | {d.p_value:.3g} |")
     if not rows:
         return []
@@ -143,19 +140,19 @@ def paired_section(results: list[dict[str, Any]]) -> list[str]:
             *rows, ""]
 
 
-def results_csv(results: list[dict[str, Any]]) -> str:
-    """One row per result: model, dataset, protocol, seed, every metric."""
-    metric_names = sorted({k for r in results for k in r["metrics"]})
+def results_csv(results: list[Result]) -> str:
+    """One row per result: model, dataset, table (protocol and variant), seed, every metric."""
+    metric_names = sorted({k for r in results for k in r.metrics})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "dataset", "protocol", "seed", *metric_names, "weights"])
+    w.writerow(["model", "dataset", "protocol", "table", "seed", *metric_names, "weights"])
     for r in results:
-        w.writerow([r["model"], r["dataset"], r["protocol"], r["seed"],
-                    *[r["metrics"].get(k, "") for k in metric_names], r.get("model_info", {}).get("weights", "")])
+        w.writerow([r.model, r.dataset, r.protocol, table_name(r), r.seed,
+                    *[r.metrics.get(k, "") for k in metric_names], r.model_info.weights])
     return buf.getvalue()
 
 
-def latex_table(results: list[dict[str, Any]], protocol: str) -> str:
+def latex_table(results: list[Result], protocol: str) -> str:
     """A LaTeX tabular for one protocol, best in bold, second best underlined."""
     models, datasets, cells = protocol_tables(results)[protocol]
     lines = [r"\begin{tabular}{l" + "c" * len(datasets) + "}", r"\toprule",
