@@ -14,17 +14,13 @@ from medxfer.protocols.base import PROTOCOLS
 from medxfer.protocols.linear import lambda_grid
 from medxfer.protocols.logreg import fit_path
 from medxfer.protocols.splits import carve_validation
+from medxfer.testing import relu_blobs
 
 linear_model = pytest.importorskip("sklearn.linear_model")
 
 
 def blobs(n: int, d: int, k: int, seed: int = 0, sep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Overlapping non-negative class clusters (like pooled post-ReLU features)."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(k, d)) * sep
-    y = rng.integers(0, k, n)
-    x = np.maximum(means[y] + rng.normal(size=(n, d)) + 1.0, 0.0)
-    return x.astype(np.float32), y
+    return relu_blobs(n, d, k, seed, sep)
 
 
 def sk_fit(x: np.ndarray, y: np.ndarray, c: float):

@@ -22,15 +22,7 @@ import torch
 
 from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
-from medxfer.protocols.base import (
-    EvalResult,
-    Headline,
-    LabelView,
-    Needs,
-    Params,
-    Protocol,
-    register_protocol,
-)
+from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.typed import positive, setting
 
 if TYPE_CHECKING:

@@ -35,15 +35,7 @@ from medxfer.models.backbone import Backbone
 from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
 from medxfer.progress import bar
-from medxfer.protocols.base import (
-    EvalResult,
-    Headline,
-    LabelView,
-    Needs,
-    Params,
-    Protocol,
-    register_protocol,
-)
+from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
 from medxfer.typed import fraction, positive, setting

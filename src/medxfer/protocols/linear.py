@@ -26,15 +26,7 @@ import torch
 from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
 from medxfer.progress import progress_enabled
-from medxfer.protocols.base import (
-    EvalResult,
-    Headline,
-    LabelView,
-    Needs,
-    Params,
-    Protocol,
-    register_protocol,
-)
+from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.protocols.logreg import fit_path
 from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
 from medxfer.protocols.splits import many_shot_splits
