@@ -27,10 +27,12 @@ from torchvision import transforms as T
 
 from _common import Timing, bf16_supported, eyepacs_sample, load_average, machine, ratio_line, synthetic_xrays, timed
 from medxfer.data.records import Dataset
-from medxfer.extract import AUTOCAST_TOLERANCE, autocast_context, extract_features, runtime_trunk
+from medxfer.extract import extract_features
 from medxfer.models import load_model
 from medxfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from medxfer.prepare import default_workers, prepare
+from medxfer.runtime import AUTOCAST_TOLERANCE, autocast_context
+from medxfer.runtime import runtime_module as runtime_trunk
 
 TARGET_RATIO = 3.0
 TARGET_FRACTION = 0.8

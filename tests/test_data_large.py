@@ -158,7 +158,7 @@ def test_chestxray14_single_folder_and_seeded_split(synth, tmp_path: Path) -> No
 def test_chestxray14_missing_images_and_unknown_findings(synth, tmp_path: Path) -> None:
     root = shutil.copytree(synth("chestx-ray14"), tmp_path / "nih")
     shutil.rmtree(root / "images_002")
-    with pytest.raises(DatasetError, match="allow_missing=True"):
+    with pytest.raises(DatasetError, match="--dataset-option chestx-ray14.allow_missing=true"):
         load_dataset("chestx-ray14", root)
     part = load_dataset("chestx-ray14", root, allow_missing=True)
     assert 0 < len(part) < 42 and any("not present" in p for p in part.problems)
@@ -215,7 +215,8 @@ def test_eyepacs_missing_and_renamed_image_folder(synth, tmp_path: Path) -> None
     with pytest.raises(DatasetError) as err:
         load_dataset("eyepacs", root)
     assert "3 problem(s)" in str(err.value) and victims[0].stem in str(err.value)
-    assert "allow_missing=True" in str(err.value)
+    assert "--dataset-option eyepacs.allow_missing=true" in str(err.value)  # the CLI's spelling
+    assert "--skip-bad" in str(err.value)
     ds = load_dataset("eyepacs", root, allow_missing=True)
     assert len(ds) == 27 and len(ds.problems) == 1 and "3 of 30" in ds.problems[0]
     assert load_dataset("eyepacs", root, images="sample", allow_missing=True).records == ds.records

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, is_cached, load_model
+from medxfer.models import MODELS, WeightsUnavailableError, build_trunk, is_cached, load_model, register_model
 from medxfer.models.download import ExpectedHash, download
 from medxfer.models.errors import DownloadError, HashMismatchError
 from medxfer.models.fetch import fetch
@@ -135,7 +135,7 @@ def test_file_url_and_bad_scheme(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def served_r18(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[str, dict]:
+def served_r18(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str, dict]]:
     """A temporary zoo entry whose URL points at the local server, with a correct sha256."""
     sd = build_trunk("resnet18", seed=4).state_dict()
     path = tmp_path / "orig.pth"
@@ -145,9 +145,10 @@ def served_r18(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     spec = dataclasses.replace(MODELS.get("supervised-r18"), name="served-r18", aliases=(),
                                urls=(server.url + "resnet18-test.pth",), filename="resnet18-test.pth",
                                hash_prefix=None, sha256=hashlib.sha256(data).hexdigest())
-    monkeypatch.setitem(MODELS._items, "served-r18", spec)
+    register_model(spec)
     monkeypatch.delenv("MEDXFER_OFFLINE", raising=False)
-    return "served-r18", sd
+    yield "served-r18", sd
+    MODELS.unregister("served-r18")
 
 
 def test_fetch_downloads_once_then_works_offline(server: Server, served_r18: tuple[str, dict],

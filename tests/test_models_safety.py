@@ -85,16 +85,19 @@ def test_framework_classes_become_inert(tmp_path: Path) -> None:
     assert not isinstance(obj["args"], argparse.Namespace)
 
 
-def test_plain_state_dict_uses_weights_only_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import medxfer.models.checkpoint as ckpt
+def test_plain_state_dict_uses_weights_only_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
 
-    def forbidden(source: str):
-        raise AssertionError("restricted fallback used for a plain state dict")
-
-    monkeypatch.setattr(ckpt, "torch_pickle_module", forbidden)
     path = tmp_path / "sd.pth"
     torch.save(_r18_state(), path)
-    assert set(read_torch(path)) == set(_r18_state())
+    with caplog.at_level("INFO", logger="medxfer"):
+        assert set(read_torch(path)) == set(_r18_state())
+    assert "restricted unpickler" not in caplog.text  # torch.load(weights_only=True) was enough
+    extra = tmp_path / "extra.pth"
+    torch.save({"state_dict": _r18_state(), "args": argparse.Namespace(lr=0.1)}, extra)
+    with caplog.at_level("INFO", logger="medxfer"):
+        read_torch(extra)
+    assert "retrying with the restricted unpickler" in caplog.text  # and the log says when it is not
 
 
 def test_numpy_only_pickle_loads(tmp_path: Path) -> None:
