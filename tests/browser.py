@@ -409,7 +409,10 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
         pytest.skip(f"no headless browser: {e}")
     if found.installed:
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"browser: installed {found.path} with apt-get in {found.seconds:.0f} s")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():  # shown even though output is captured
+                reporter.write_line(f"browser: installed {found.path} with apt-get in {found.seconds:.0f} s "
+                                    f"(log: {INSTALL_LOG})")
     with Browser(found.path) as b:
         yield b
