@@ -653,7 +653,7 @@ def _across_statement(n: int, k: int, m: int, p_min: float, possible: bool, need
                       fried: FriedmanResult, pairwise: list[PairwiseWilcoxon], cd: float) -> str:
     if not possible:
         return (f"With {n} datasets the smallest two-sided Wilcoxon signed-rank p for a pair of models is "
-                f"2/2^{n} = {p_min:.4g}; Holm over the {m} pairs of {k} models multiplies the smallest p by {m} "
+                f"2/2^{n} = {p_min:.2g}; Holm over the {m} pairs of {k} models multiplies the smallest p by {m} "
                 f"({m * p_min:.3g} > {alpha:g}), so no pair can be significantly different, whatever the "
                 f"results. The mean ranks describe these {n} datasets and do not establish an order; "
                 f"at least {needed} datasets would be needed.")
