@@ -432,3 +432,22 @@ def test_across_datasets_rejects_incomplete_or_bad_scores():
         compare_across_datasets({"d1": {"a": 0.5, "b": float("nan")}, "d2": {"a": 0.5, "b": 0.4}})
     with pytest.raises(StatsInputError, match="ranks 1..k"):
         friedman_from_ranks(np.array([[1, 1], [1, 2]]))
+
+
+def test_bootstrap_with_the_fewshot_protocol_reuses_the_episode_seed():
+    """The report's use: cached features, the protocol's own episode sampler with a fixed
+    seed; on the original pool the bootstrap estimate is exactly the protocol's result."""
+    from medxfer.protocols.fewshot import episode_accuracies, sample_episodes
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1], 40)
+    features = rng.normal(0, 1, (80, 6)) + labels[:, None] * 0.8
+
+    def accuracy(pool: np.ndarray) -> float:
+        episodes, _ = sample_episodes(labels, 2, 5, 5, 30, seed=7, pool=pool)
+        return float(episode_accuracies(features, episodes).mean())
+
+    direct = float(episode_accuracies(features, sample_episodes(labels, 2, 5, 5, 30, seed=7)[0]).mean())
+    res = bootstrap_interval(accuracy, 80, n_boot=25, seed=0, strata=labels)
+    assert res.estimate == direct
+    assert res.low < res.high and res.low <= direct <= res.high

@@ -224,8 +224,10 @@ def compare_with_best(
     highest mean (ties: the first in the mapping's order). For every other model: the mean
     difference (model - best) in points with a ``confidence`` t interval, the paired t test
     and the Wilcoxon signed-rank test (``zero_method``, see :data:`DEFAULT_ZERO_METHOD`),
-    each Holm-adjusted over the k-1 comparisons. Verdict, from the Holm-adjusted t test:
-    "worse" when it is <= alpha, else "not significantly different from the best".
+    each Holm-adjusted over the k-1 comparisons (scipy's Wilcoxon p is the normal
+    approximation with continuity correction beyond 50 episodes, or with ties or zeros
+    beyond 13). Verdict, from the Holm-adjusted t test: "worse" when it is <= alpha, else
+    "not significantly different from the best".
     """
     _check_alpha(alpha)
     if not 0.0 < confidence < 1.0:
@@ -369,7 +371,12 @@ def bootstrap_intervals(
     cached features by re-running the *same* episode seeds on that pool. ``pool`` is the
     array of record indices or their count. Resampling uses ``np.random.default_rng(seed)``
     only. Note that an image drawn twice can land in an episode's support and its query;
-    a statistic that must avoid it can exclude repeats of a record index.
+    a statistic that must avoid it can exclude repeats of a record index. With the few-shot
+    protocol's own functions, for one model::
+
+        def accuracy(pool):
+            episodes, _ = sample_episodes(labels, 2, 20, 15, 600, seed=episode_seed, pool=pool)
+            return float(episode_accuracies(features, episodes).mean())
     """
     if not 0.0 < level < 1.0:
         raise StatsInputError(f"level must be in (0, 1), got {level}")
@@ -593,6 +600,8 @@ def compare_across_datasets(
     from those tests, and the Nemenyi critical difference (Demšar 2006) for reference. When
     the number of datasets is too small for any pair to survive Holm (N datasets give at
     best p = 2 / 2^N per pair), ``statement`` says so instead of implying an order.
+    Wilcoxon p values are scipy's: exact without ties or zeros, an exhaustive sign-flip
+    permutation test with them for up to 13 datasets, the normal approximation beyond.
     """
     _check_alpha(alpha)
     datasets = list(scores)
