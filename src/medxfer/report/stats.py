@@ -252,7 +252,9 @@ def compare_with_best(
     others = [m for m in acc if m != best]
     raw = {}
     for m in others:
-        d = acc[m] - acc[best]
+        # rounded to 12 decimals: accuracies are multiples of 1/(K*Q), so equal scores give exact
+        # zeros and constant differences stay exactly constant despite float noise
+        d = np.round(acc[m] - acc[best], 12)
         t, tp, lo, hi = _t_test(d, confidence)
         w, wp = _wilcoxon(d, zero_method)
         raw[m] = (d, t, tp, lo, hi, w, wp)
@@ -625,7 +627,7 @@ def compare_across_datasets(
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     raw = []
     for i, j in pairs:
-        d = mat[:, i] - mat[:, j]
+        d = np.round(mat[:, i] - mat[:, j], 12)  # equal differences tie exactly despite float noise
         if not higher_is_better:
             d = -d
         w, p = _wilcoxon(d, zero_method)
