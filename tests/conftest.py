@@ -44,3 +44,7 @@ def lazy_synthetic_copies(base: Path, n_per_class: int, size: int, seed: int) ->
             made[name] = write_synthetic(name, base / name, n_per_class=n_per_class, size=size, seed=seed)
         return made[name]
     return get
+
+
+# the session-scoped headless Chromium (tests/browser.py); skipped where there is none
+from browser import browser  # noqa: E402,F401
