@@ -159,3 +159,12 @@ def test_validate_reports_unreadable_images(tmp_path: Path) -> None:
     assert ds.summary()["total"] == 11
     unchecked = validate_dataset("folder", root, check_images=False)
     assert len(unchecked) == 12
+
+
+def test_sixteen_bit_range_is_a_dataset_option(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    assert load_dataset("folder", root).info.high_range == 65535
+    ds = load_dataset("folder", root, high_range=4095)
+    assert ds.info.high_range == 4095 and ds.options["high_range"] == 4095
+    with pytest.raises(ValueError, match="high_range=0: must be positive"):
+        load_dataset("folder", root, high_range=0)

@@ -80,7 +80,27 @@ def test_sixteen_bit_png_is_greyscale(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(path)
     ds = Dataset(DatasetInfo("x", "binary", ("a", "b")), [Record(str(path), 0)], str(tmp_path))
     p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert p.channels == 1 and p.array.max() > 200
+    assert p.channels == 1 and p.array.max() > 200  # random values over the full 16-bit range
+
+
+def test_sixteen_bit_images_share_one_scale(tmp_path: Path) -> None:
+    """Two 16-bit images with the same raw values but different maxima: a raw value gives the
+    same grey level in both (the format's range, not each image's own maximum)."""
+    a = np.full((40, 40), 1000, np.uint16)
+    b = a.copy()
+    a[0, 0], b[0, 0] = 2000, 60000
+    recs = []
+    for name, arr in (("a", a), ("b", b)):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+        recs.append(Record(str(tmp_path / f"{name}.png"), 0))
+    ds = Dataset(DatasetInfo("x", "binary", ("a", "b")), recs, str(tmp_path))
+    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert p.array[0, 8, 8, 0] == p.array[1, 8, 8, 0] == round(1000 * 255 / 65535)
+    from dataclasses import replace
+
+    twelve = Dataset(replace(ds.info, high_range=4095), recs, str(tmp_path))
+    q = prepare(twelve, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert q.key != p.key and q.array[0, 8, 8, 0] == q.array[1, 8, 8, 0] == round(1000 * 255 / 4095)
 
 
 def test_large_jpeg_reduced_decoding_close_to_full(tmp_path: Path) -> None:

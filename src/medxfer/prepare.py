@@ -32,7 +32,7 @@ from medxfer.cache import (
     content_key,
     resolve_cache_dir,
 )
-from medxfer.data.images import ImageReadError, image_channels, open_image
+from medxfer.data.images import SIXTEEN_BIT_RANGE, ImageReadError, image_channels, open_image
 from medxfer.data.records import Dataset, DatasetInfo, Record
 from medxfer.errors import UsageError
 from medxfer.progress import bar
@@ -41,7 +41,7 @@ from medxfer.registry import Registry
 log = logging.getLogger(__name__)
 
 # Bump when decoding/resizing changes in a way that changes prepared pixels.
-DECODER_VERSION = "1"
+DECODER_VERSION = "2"  # 2: 16-bit images scaled by a fixed range, not each image's maximum
 SQUASH_REFERENCE = (257, 224)  # the authors' squash: 257 -> crop 224
 CHECKPOINT_EVERY = 512  # records decoded between flushes of the memmap and the resume state
 
@@ -128,9 +128,10 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_record(path: str, size: int, resize: str, channels: int) -> np.ndarray:
-    """One image file -> S x S x C uint8 evaluation crop (raises ImageReadError)."""
-    img = open_image(path, draft_size=size)
+def decode_record(path: str, size: int, resize: str, channels: int, high_range: int = SIXTEEN_BIT_RANGE) -> np.ndarray:
+    """One image file -> S x S x C uint8 evaluation crop (raises ImageReadError); 16-bit
+    greyscale is scaled by ``255 / high_range`` (see :func:`~medxfer.data.images.open_image`)."""
+    img = open_image(path, draft_size=size, high_range=high_range)
     img = center_crop(RESIZES.get(resize)(img, size), size)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
@@ -143,10 +144,11 @@ def decode_record(path: str, size: int, resize: str, channels: int) -> np.ndarra
     return arr
 
 
-def _decode_task(path: str, size: int, resize: str, channels: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_task(path: str, size: int, resize: str, channels: int,
+                 high_range: int = SIXTEEN_BIT_RANGE) -> tuple[np.ndarray | None, str | None]:
     """Worker entry point: an array, or the error message (errors travel as data)."""
     try:
-        return decode_record(path, size, resize, channels), None
+        return decode_record(path, size, resize, channels, high_range), None
     except ImageReadError as exc:
         return None, str(exc)
 
@@ -161,7 +163,8 @@ def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> s
     every header just to look the cache up would cost more than the lookup on a large dataset.
     """
     RESIZES.get(resize)
-    return content_key("prepared", dataset.files_fingerprint(), int(size), resize, DECODER_VERSION)
+    return content_key("prepared", dataset.files_fingerprint(), int(size), resize, DECODER_VERSION,
+                       dataset.info.high_range)
 
 
 def prepared_artifact(dataset: Dataset, size: int = 224, resize: str = "aspect",
@@ -240,7 +243,8 @@ def prepare(
         paths = [dataset.records[i].path for i in todo]
         steps = bar(total=n, initial=n - len(todo), desc=f"prepare {dataset.info.name}", unit="img", enabled=progress)
         try:
-            for i, (img, err) in zip(todo, _decode_all(paths, size, resize, channels, n_workers, executor)):
+            decoded = _decode_all(paths, size, resize, channels, n_workers, executor, dataset.info.high_range)
+            for i, (img, err) in zip(todo, decoded):
                 if err is not None:
                     if not skip_bad:
                         raise ImageReadError(f"record {int(i)} of dataset {dataset.info.name!r}: {err}")
@@ -279,23 +283,23 @@ def prepare(
 
 
 def _decode_all(paths: list[str], size: int, resize: str, channels: int, workers: int,
-                executor: str) -> Iterator[tuple[np.ndarray | None, str | None]]:
+                executor: str, high_range: int = SIXTEEN_BIT_RANGE) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """Decoded crops in order, computed by ``workers`` parallel workers (bounded in flight)."""
     if workers <= 1:
         for p in paths:
-            yield _decode_task(p, size, resize, channels)
+            yield _decode_task(p, size, resize, channels, high_range)
         return
     with _EXECUTORS[executor](workers) as pool:
         window = 8 * workers
         pending = []
         it = iter(paths)
         for p in it:
-            pending.append(pool.submit(_decode_task, p, size, resize, channels))
+            pending.append(pool.submit(_decode_task, p, size, resize, channels, high_range))
             if len(pending) >= window:
                 break
         for p in it:
             yield pending.pop(0).result()
-            pending.append(pool.submit(_decode_task, p, size, resize, channels))
+            pending.append(pool.submit(_decode_task, p, size, resize, channels, high_range))
         for fut in pending:
             yield fut.result()
 

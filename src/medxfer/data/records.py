@@ -55,6 +55,7 @@ class DatasetInfo:
     layout: str = ""  # the folder to point at, for help texts
     display_name: str | None = None  # as the paper prints it (e.g. "iChallenge-PM"); None: the name
     synthetic: bool = False  # written by medxfer's synthetic generators, not real data
+    high_range: int = 65535  # raw value of 16-bit greyscale that maps to 255 (the same for every image)
 
     @property
     def label(self) -> str:
