@@ -12,7 +12,7 @@ from medxfer.data.splits import SplitFn, assign_splits, stratified_split
 PairFn = Callable[[list[Record]], list[tuple[int, int]]]
 
 
-def default_split_fn(seed: int, use_patients: bool = True) -> SplitFn:
+def default_split_fn(seed: int | tuple[int, ...], use_patients: bool = True) -> SplitFn:
     """Seeded stratified 80/20 train/test, patient-level when records carry patient ids."""
     def fn(records: list[Record]) -> list[str]:
         groups = [r.patient for r in records] if use_patients else None

@@ -36,7 +36,7 @@ def normalise_split_name(value: str) -> str | None:
 
 
 def stratified_split(labels: Sequence[int], groups: Sequence[str | None] | None = None, *,
-                     seed: int, test_fraction: float = 0.2) -> list[str]:
+                     seed: int | tuple[int, ...], test_fraction: float = 0.2) -> list[str]:
     """Seeded train/test assignment, stratified by class, keeping each group on one side.
 
     Without groups (or where a group is None) each image is its own group. A group's stratum
