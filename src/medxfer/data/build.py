@@ -7,16 +7,18 @@ from typing import Any
 
 from medxfer.data.common import Issues
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.splits import SplitFn, assign_splits, stratified_split
+from medxfer.data.splits import SplitFn, assign_splits, identity_keys, stratified_split
 
 PairFn = Callable[[list[Record]], list[tuple[int, int]]]
 
 
 def default_split_fn(seed: int | tuple[int, ...], use_patients: bool = True) -> SplitFn:
-    """Seeded stratified 80/20 train/test, patient-level when records carry patient ids."""
+    """Seeded stratified 80/20 train/test, patient-level when records carry patient ids; other
+    images are identified by their path (:func:`identity_keys`), never by their position."""
     def fn(records: list[Record]) -> list[str]:
         groups = [r.patient for r in records] if use_patients else None
-        return stratified_split([r.label for r in records], groups, seed=seed)
+        return stratified_split([r.label for r in records], groups, seed=seed,
+                                ids=identity_keys([r.path for r in records]))
     return fn
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from medxfer.cache import atomic_path, content_key
+from medxfer.data.splits import identity_keys
 from medxfer.devices import resolve_device
 from medxfer.errors import UsageError
 from medxfer.models.backbone import Backbone
@@ -371,7 +372,8 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
     k = max(len(prepared.class_names), int(labels.max()) + 1)
     val_seed = seed if p.val_seed is None else int(p.val_seed)
     sp = many_shot_splits(prepared.splits, labels, val_fraction=p.val_fraction, val_seed=val_seed,
-                          stratified=p.val_stratified, what=what)
+                          stratified=p.val_stratified, what=what, keys=identity_keys([r.path for r in prepared.records]),
+                          generator=p.val_generator)
     if prepared.bad:  # undecodable images (prepared with skip_bad) are zeros: leave them out
         bad = np.asarray(prepared.bad, dtype=np.int64)
         sp = SplitIndices(np.setdiff1d(sp.train, bad), np.setdiff1d(sp.val, bad), np.setdiff1d(sp.test, bad),
@@ -472,6 +474,8 @@ class FinetuneParams(Params):
     val_fraction: float = setting(0.2, check=fraction, help="carved from train when there is no val split")
     val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
     val_stratified: bool = setting(True, help="carve validation stratified by class")
+    val_generator: Literal["default", "legacy"] = setting(
+        "default", help="default: seeded by record identity; legacy: the authors' RandomState permutation of rows")
     headline_metric: str | None = setting(None, help="early-stopping metric (None: the dataset's headline)")
     search: Any = setting(False, check=_check_search, help="lr/weight-decay search: false, true (3 x 3 grid), "
                           "{lr: [...], weight_decay: [...]} or {random: n, lr: [lo, hi], weight_decay: [lo, hi]}")
@@ -482,7 +486,7 @@ class FinetuneParams(Params):
             raise ValueError(f"headline_metric={self.headline_metric!r} is not one of {', '.join(HEADLINE_METRICS)}")
 
 
-PAPER = {"val_seed": 0, "val_stratified": False}
+PAPER = {"val_seed": 0, "val_stratified": False, "val_generator": "legacy"}
 
 
 def _run(ctx: Context, p: FinetuneParams, seed: int) -> EvalResult:

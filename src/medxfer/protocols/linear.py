@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from medxfer.data.splits import identity_keys
 from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
 from medxfer.progress import progress_enabled
@@ -156,7 +157,8 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
     k = max(len(features.class_names), int(y.max()) + 1)
     val_seed = seed if p.val_seed is None else int(p.val_seed)
     sp = many_shot_splits(features.splits, y, val_fraction=p.val_fraction, val_seed=val_seed,
-                          stratified=p.val_stratified, what=what)
+                          stratified=p.val_stratified, what=what, keys=identity_keys([r.path for r in features.records]),
+                          generator=p.val_generator)
     headline = features.headline_metric
     select_metric = p.select_metric or headline
     lambdas = lambda_grid(p.grid_min, p.grid_max, p.grid_size)
@@ -221,6 +223,8 @@ class LinearParams(Params):
     val_fraction: float = setting(0.2, check=fraction, help="carved from train when the dataset has no val split")
     val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
     val_stratified: bool = setting(True, help="carve validation stratified by class")
+    val_generator: Literal["default", "legacy"] = setting(
+        "default", help="default: seeded by record identity; legacy: the authors' RandomState permutation of rows")
     select_metric: str | None = setting(None, help="metric choosing C (None: the dataset's headline metric)")
     tie_break: Literal["first", "strongest"] = setting("first", help="equal validation scores: weakest or "
                                                        "strongest regularisation")
@@ -242,7 +246,7 @@ class LinearParams(Params):
 
 
 PAPER = {"solver": "sklearn-lbfgs", "max_iter": 100, "warm_start_order": "weak_to_strong",
-         "val_seed": 0, "val_stratified": False}
+         "val_seed": 0, "val_stratified": False, "val_generator": "legacy"}
 
 
 def _run(ctx: Context, p: LinearParams, seed: int) -> EvalResult:
