@@ -31,7 +31,8 @@ def reference(path: str, size: int, resize: str) -> np.ndarray:
     img.load()
     img = img.convert("RGB")
     side = size if resize == "aspect" else (round(size * 257 / 224),) * 2
-    img = CenterCrop(size)(Resize(side, interpolation=InterpolationMode.BICUBIC)(img))
+    mode = InterpolationMode.BICUBIC if resize == "aspect" else InterpolationMode.BILINEAR  # the authors' squash
+    img = CenterCrop(size)(Resize(side, interpolation=mode)(img))
     return np.asarray(img)
 
 

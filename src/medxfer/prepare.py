@@ -2,7 +2,8 @@
 
 The evaluation transform (PROTOCOL.md): resize the shorter side to ``size`` (bicubic), centre
 crop ``size`` x ``size``; the ``"squash"`` compat mode instead resizes both sides to
-``round(size * 257 / 224)`` (aspect distorting, the authors' few-shot code) before the crop.
+``round(size * 257 / 224)`` (bilinear, aspect distorting: the authors' few-shot code for the
+small datasets) before the crop.
 Large JPEGs are decoded at reduced size (``Image.draft``), greyscale stays one channel when
 the whole dataset is greyscale. One prepared array serves every model; normalisation happens
 per model on the device.
@@ -110,9 +111,10 @@ def _resize_aspect(img: Image.Image, size: int) -> Image.Image:
 
 
 def _resize_squash(img: Image.Image, size: int) -> Image.Image:
-    """Both sides to ``round(size * 257 / 224)`` (bicubic), ignoring the aspect ratio."""
+    """Both sides to ``round(size * 257 / 224)``, bilinear (torchvision's default, as in the
+    authors' few-shot code), ignoring the aspect ratio."""
     side = int(round(size * SQUASH_REFERENCE[0] / SQUASH_REFERENCE[1]))
-    return img if img.size == (side, side) else img.resize((side, side), Image.BICUBIC)
+    return img if img.size == (side, side) else img.resize((side, side), Image.BILINEAR)
 
 
 RESIZES: Registry[Callable[[Image.Image, int], Image.Image]] = Registry("resize mode")
