@@ -285,3 +285,19 @@ def test_paper_compat_fits_binary_tasks_as_two_class_multinomial() -> None:
     np.testing.assert_allclose(compat.val_proba, ref, atol=2e-4)  # float32 features in scikit-learn
     assert np.abs(plain.val_proba - ref).max() > 0.01  # the binomial model at C is another model
     assert "2C" in compat.info["note"]
+
+
+def test_many_shot_results_carry_test_size_bootstrap_interval_and_grid_edge_flag() -> None:
+    fs = feature_set(n=400)
+    res = run_linear(fs, seed=0, bootstrap=200)
+    m = res.metrics
+    assert m["test_n"] == len(fs.split_indices("test"))
+    assert m["ci95_low"] <= m["headline"] <= m["ci95_high"]
+    assert res.headline.ci95 == pytest.approx((m["ci95_high"] - m["ci95_low"]) / 2)
+    assert res.details["bootstrap"]["unit"] == "image" and res.details["bootstrap"]["replicates"] == 200
+    assert run_linear(fs, seed=0, bootstrap=200).metrics == m  # seeded
+    edge = run_linear(fs, seed=0, grid_min=2.0, grid_max=5.0, grid_size=4, bootstrap=0)  # only strong penalties
+    assert edge.details["c_at_grid_edge"] is (edge.details["chosen_index"] in (0, 3))
+    if edge.details["c_at_grid_edge"]:
+        assert any("edge of the grid" in w for w in edge.warnings)
+    assert "ci95_low" not in edge.metrics and edge.headline.ci95 is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,22 @@ def finish_dataset(info: DatasetInfo, records: list[Record], root: Path, issues:
         problems.append(f"no images of class(es) {', '.join(missing)}")
     opts = dict(options)
     opts.update(split_opts)
+    if is_synthetic(root):
+        info = replace(info, synthetic=True)
     return Dataset(info=info, records=records, root=str(root.resolve()), options=opts,
                    problems=problems, pairs=pairs(records) if pairs is not None else None)
+
+
+def is_synthetic(root: Path, levels: int = 3) -> bool:
+    """Whether ``root`` (or a folder up to ``levels`` above it) holds the marker that
+    :func:`medxfer.data.synthetic.write_synthetic` leaves."""
+    from medxfer.data.synthetic import SYNTHETIC_MARKER
+
+    folder = root.resolve() if root.is_dir() else root.resolve().parent
+    for candidate in [folder, *list(folder.parents)[:levels]]:
+        if (candidate / SYNTHETIC_MARKER).is_file():
+            return True
+    return False
 
 
 def drop_records(dataset: Dataset, bad: Iterable[int], messages: Iterable[str] = ()) -> Dataset:

@@ -27,6 +27,7 @@ from medxfer.errors import UsageError
 from medxfer.registry import Registry
 
 Writer = Callable[[Path, int, int, np.random.Generator], Path]
+SYNTHETIC_MARKER = "MEDXFER_SYNTHETIC.txt"  # in the folder written: adapters then mark the dataset synthetic
 WRITERS: Registry[Writer] = Registry("synthetic dataset")
 
 
@@ -37,6 +38,8 @@ def write_synthetic(name: str, root: str | Path, *, n_per_class: int = 8, size: 
     writer = WRITERS.get(name)
     out = Path(root).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / SYNTHETIC_MARKER, f"Synthetic images written by medxfer.data.write_synthetic({name!r}, "
+                      f"n_per_class={n_per_class}, size={size}, seed={seed}): not real data.\n")
     return writer(out, n_per_class, size, np.random.default_rng(seed))
 
 

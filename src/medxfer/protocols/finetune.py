@@ -37,7 +37,7 @@ from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
 from medxfer.progress import bar
 from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
-from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
 from medxfer.typed import fraction, positive, setting
 
@@ -149,10 +149,18 @@ def _amp_context(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-@torch.no_grad()
 def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
                  batch_size: int, device: torch.device, amp: bool, headline: str) -> tuple[dict[str, float], float, list[str]]:
     """Metrics (percent), mean cross-entropy, warnings of ``net`` on rows ``idx`` (eval mode)."""
+    proba, loss = net_proba(net, prepared, idx, labels, size=size, batch_size=batch_size, device=device, amp=amp)
+    metrics, warns = classification_metrics(labels[idx], proba, headline)
+    return metrics, loss, warns
+
+
+@torch.no_grad()
+def net_proba(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
+              batch_size: int, device: torch.device, amp: bool) -> tuple[np.ndarray, float]:
+    """Class probabilities (float64) and mean cross-entropy of ``net`` on rows ``idx`` (eval mode)."""
     was_training = net.training
     net.eval()
     probs, losses = [], []
@@ -166,9 +174,7 @@ def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labe
         losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
         probs.append(torch.softmax(logits, 1).cpu().numpy())
     net.train(was_training)
-    proba = np.concatenate(probs).astype(np.float64)
-    metrics, warns = classification_metrics(labels[idx], proba, headline)
-    return metrics, float(sum(losses) / len(idx)), warns
+    return np.concatenate(probs).astype(np.float64), float(sum(losses) / len(idx))
 
 
 @dataclass
@@ -405,8 +411,10 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
     chosen = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
     best = outcomes[chosen]
     assert best_net is not None
-    metrics, _, warns = evaluate_net(best_net, prepared, sp.test, labels, size=p.image_size,
-                                     batch_size=p.eval_batch_size, device=dev, amp=use_amp(p, dev), headline=headline)
+    proba, _ = net_proba(best_net, prepared, sp.test, labels, size=p.image_size, batch_size=p.eval_batch_size,
+                         device=dev, amp=use_amp(p, dev))
+    metrics, half, boot, warns = test_report(labels[sp.test], proba, headline, n_boot=p.bootstrap, seed=seed,
+                                             groups=[prepared.records[i].patient for i in sp.test])
     metrics["lr"] = best.lr
     metrics["weight_decay"] = best.weight_decay
     details = {
@@ -426,13 +434,14 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
         "skipped_bad_images": len(prepared.bad),
         "val_seed": val_seed,
         "device": str(dev),
+        "bootstrap": boot,
         "amp": use_amp(p, dev),
         "autocast": autocast_name(p, dev),
         "model": model.name,
         "weights": model.weights,
     }
     return best_net, EvalResult(protocol="finetune", metrics=metrics, params=p.to_dict(), details=details,
-                                warnings=warns, headline=Headline(headline, float(metrics["headline"]), None, True))
+                                warnings=warns, headline=Headline(headline, float(metrics["headline"]), half, True))
 
 
 def use_amp(p: FinetuneParams, device: torch.device) -> bool:
@@ -479,6 +488,8 @@ class FinetuneParams(Params):
     headline_metric: str | None = setting(None, help="early-stopping metric (None: the dataset's headline)")
     search: Any = setting(False, check=_check_search, help="lr/weight-decay search: false, true (3 x 3 grid), "
                           "{lr: [...], weight_decay: [...]} or {random: n, lr: [lo, hi], weight_decay: [lo, hi]}")
+    bootstrap: int = setting(1000, help="bootstrap replicates of the test set for the headline's 95% interval "
+                             "(patients resampled where known; 0: none)")
     eval_batch_size: int = setting(128, check=positive, execution=True, help="evaluation batch")
 
     def __post_init__(self) -> None:

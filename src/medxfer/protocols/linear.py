@@ -29,7 +29,7 @@ from medxfer.features import FeatureSet
 from medxfer.progress import progress_enabled
 from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.protocols.logreg import fit_path
-from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import many_shot_splits
 from medxfer.registry import Registry
 from medxfer.typed import fraction, positive, setting
@@ -181,9 +181,15 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
     t1 = time.perf_counter()
     test_proba, refit_iter, refit_conv = fit.refit(best)
     t_refit = time.perf_counter() - t1
-    metrics, warns = classification_metrics(y[sp.test], test_proba, headline)
+    groups = [features.records[i].patient for i in sp.test]
+    metrics, half, boot, warns = test_report(y[sp.test], test_proba, headline, groups=groups, n_boot=p.bootstrap,
+                                             seed=seed)
     grid_c = (1.0 / lambdas).tolist()
     metrics["C"] = float(grid_c[best])
+    at_edge = best in (0, len(lambdas) - 1)
+    if at_edge:
+        warns.append(f"C chosen at the {'weak' if best == 0 else 'strong'}-regularisation edge of the grid "
+                     f"(C={grid_c[best]:.6g}): the best value may lie outside it")
     non_conv = [grid_c[i] for i, c in enumerate(fit.converged) if not c]
     if non_conv:
         warns.append(f"{len(non_conv)} of {len(lambdas)} path fits did not converge (tol={p.tol}, "
@@ -203,6 +209,8 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
         "converged": [bool(c) for c in fit.converged],
         "non_converged": non_conv,
         "chosen_index": int(best),
+        "c_at_grid_edge": bool(at_edge),
+        "bootstrap": boot,
         "chosen_lambda": float(lambdas[best]),
         "refit_iterations": int(refit_iter),
         "refit_converged": bool(refit_conv),
@@ -215,7 +223,7 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
         "timing_s": {"path": t_path, "refit": t_refit},
     }
     return EvalResult(protocol="linear", metrics=metrics, params=p.to_dict(), details=details, warnings=warns,
-                      headline=Headline(headline, float(metrics["headline"]), None, True))
+                      headline=Headline(headline, float(metrics["headline"]), half, True))
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,8 @@ class LinearParams(Params):
     dtype: Literal["float32", "float64"] = setting("float32", help="medxfer solver precision")
     matmul: Literal["auto", "bf16", "exact"] = setting("auto", help="medxfer solver: bf16 products (verified "
                                                        "exactly) where fast, or exact float32")
+    bootstrap: int = setting(1000, help="bootstrap replicates of the test set for the headline's 95% interval "
+                             "(patients resampled where known; 0: none)")
     device: str | None = setting(None, execution=True, help="solver device (None: the run's device)")
 
     def __post_init__(self) -> None:

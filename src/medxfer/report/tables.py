@@ -80,6 +80,10 @@ def summary_markdown(results: list[Result]) -> str:
     for proto, (models, datasets, cells) in protocol_tables(results).items():
         metric_names = sorted({r.headline.metric for r in results if table_name(r) == proto})
         lines += [f"## {proto} ({', '.join(metric_names)}, percent)", ""]
+        synthetic = sorted({r.dataset for r in results if table_name(r) == proto and r.dataset_info.synthetic})
+        if synthetic:
+            lines += [f"**SYNTHETIC DATA** ({', '.join(synthetic)}): images written by medxfer's generators, "
+                      "not real data.", ""]
         lines.append("| model | " + " | ".join(datasets) + " |")
         lines.append("|---|" + "---|" * len(datasets))
         ranks_by_ds = {}
