@@ -270,3 +270,20 @@ def test_real_eyepacs_jpegs(shared_data: Path, tmp_path: Path) -> None:
     assert p.array.shape == (3, 224, 224, 3)
     full = reference(str(files[0]), 224, "aspect").astype(np.int16)
     assert np.abs(p.array[0].astype(np.int16) - full).mean() < 3.0  # draft decode ~ full decode
+
+
+def test_keep_store_holds_whole_images_with_their_extents(tmp_path: Path) -> None:
+    """The finetuning store: the whole image, shorter side to the size (never enlarged), aspect
+    preserved, top-left in a canvas; extents say where each image ends."""
+    ds = make_dataset(tmp_path / "imgs", n=3, sizes=[(80, 40), (40, 100), (20, 20)])
+    p = prepare(ds, size=32, resize="keep", cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert p.extents.tolist() == [[32, 64], [80, 32], [20, 20]]  # (height, width); the small one not enlarged
+    assert p.array.shape[1:3] == (81, 65)
+    for i, r in enumerate(ds.records):
+        h, w = p.extents[i]
+        ref = np.asarray(Image.open(r.path).convert("RGB").resize((w, h), Image.BICUBIC)) if i < 2 else \
+            np.asarray(Image.open(r.path).convert("RGB"))
+        np.testing.assert_array_equal(p.array[i, :h, :w], ref)
+        assert p.array[i, h:].max(initial=0) == 0 and p.array[i, :, w:].max(initial=0) == 0
+    again = prepare(ds, size=32, resize="keep", cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert not again.built and again.extents.tolist() == p.extents.tolist()

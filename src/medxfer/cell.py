@@ -113,6 +113,11 @@ class Context:
         raise UsageError("this protocol needs extracted features: call medxfer.evaluate(protocol, features) "
                          "or run it through medxfer.run")
 
+    def training_store(self, size: int) -> PreparedImages | None:
+        """The records prepared whole (shorter side ``size``, never enlarged) for training crops,
+        or None where there is none (training then crops the evaluation images)."""
+        return None
+
     def workdir(self) -> Path | None:
         """A folder for resumable work (checkpoints), or None (nothing is kept)."""
         return None
@@ -138,6 +143,7 @@ class DirectContext(Context):
     precision: str = "fp32"
     given_workdir: Path | None = None
     given_cache: Path | None = None
+    given_train: PreparedImages | None = None
 
     @property
     def info(self) -> DatasetInfo | None:
@@ -176,6 +182,9 @@ class DirectContext(Context):
 
     def workdir(self) -> Path | None:
         return self.given_workdir
+
+    def training_store(self, size: int) -> PreparedImages | None:
+        return self.given_train
 
     @property
     def cache_dir(self) -> Path:
@@ -233,6 +242,11 @@ class CellContext(Context):
         self.inputs[name] = entry
         if built:  # time is counted by the cell that did the work, once
             self.timings[timing] = self.timings.get(timing, 0.0) + seconds
+
+    def training_store(self, size: int) -> PreparedImages:
+        from medxfer.prepare import KEEP
+
+        return self.prepared(size, KEEP)
 
     def workdir(self) -> Path:
         return self.session.out / "work" / self.cell.id

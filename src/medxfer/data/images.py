@@ -115,16 +115,22 @@ def array_to_image(arr: np.ndarray, where: str = "array") -> Image.Image:
     raise ImageReadError(f"{where}: expected H x W or H x W x 3 image array, got shape {a.shape}")
 
 
-def image_channels(path: str) -> int:
-    """1 for greyscale, 3 otherwise, read from the header only where possible."""
+def image_header(path: str) -> tuple[int, tuple[int, int]]:
+    """(1 for greyscale else 3, (width, height)), read from the header only where possible."""
     ref = split_array_path(path)
     if ref is not None:
-        return 1 if open_image(path).mode == "L" else 3
+        img = open_image(path)
+        return (1 if img.mode == "L" else 3), img.size
     try:
         with Image.open(path) as img:
-            mode = img.mode
+            mode, size = img.mode, img.size
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: file not found") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageReadError(f"{path}: cannot decode image: {exc}") from exc
-    return 1 if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA") else 3
+    return (1 if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA") else 3), size
+
+
+def image_channels(path: str) -> int:
+    """1 for greyscale, 3 otherwise, read from the header only where possible."""
+    return image_header(path)[0]

@@ -114,11 +114,14 @@ def _crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float,
 
 
 def augment(batch: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W."""
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+            extents: np.ndarray | None = None) -> torch.Tensor:
+    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W;
+    with ``extents`` (B x (height, width)) each image lies top-left in a padded canvas and is
+    cropped within its own extent."""
     out = []
-    h, w = batch.shape[-2:]
-    for img in batch:
+    for i, img in enumerate(batch):
+        h, w = (int(extents[i][0]), int(extents[i][1])) if extents is not None else img.shape[-2:]
         top, left, ch, cw = _crop_params(h, w, scale, ratio, g)
         crop = TF.resized_crop(img, top, left, ch, cw, [size, size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -210,7 +213,8 @@ def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[np.ndarray
             yield perm[s : s + batch_size]
 
 
-def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, labels: np.ndarray, k: int, *,
+def _train_once(backbone: Backbone, prepared: PreparedImages, train_store: PreparedImages, sp: SplitIndices,
+                labels: np.ndarray, k: int, *,
                 lr: float, weight_decay: float, seed: int, device: torch.device, workdir: Path | None,
                 key: str, headline: str, p: FinetuneParams, snapshot: Snapshot,
                 on_checkpoint: CheckpointHook | None) -> tuple[FinetuneNet, TrialOutcome]:
@@ -272,8 +276,9 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
                     unit="step")
     while step < p.max_steps:
         rows = sp.train[next(batches)]
-        x = augment(_load_batch(prepared, rows, device), size, g_aug, hflip=p.hflip,
-                    scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio))
+        extents = None if train_store.extents is None else train_store.extents[rows]
+        x = augment(_load_batch(train_store, rows, device), size, g_aug, hflip=p.hflip,
+                    scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio), extents=extents)
         with ctx:
             loss = nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
         if not torch.isfinite(loss):
@@ -358,10 +363,14 @@ def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> lis
 
 def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams | None = None, *, seed: int = 0,
                    device: str | torch.device | None = None, workdir: str | Path | None = None,
-                   snapshot: Snapshot = snapshot_state,
-                   on_checkpoint: CheckpointHook | None = None) -> tuple[FinetuneNet, EvalResult]:
+                   snapshot: Snapshot = snapshot_state, on_checkpoint: CheckpointHook | None = None,
+                   train_store: PreparedImages | None = None) -> tuple[FinetuneNet, EvalResult]:
     """Finetune a copy of ``model`` (the caller's model is never changed); returns the restored
     best network and the result (test metrics of the best trial on validation).
+
+    ``prepared``: the evaluation crops (validation and test). ``train_store``: the same records
+    prepared whole at a larger size (``prepare(..., resize="keep")``), where the training crops
+    are taken; without it they come from the evaluation crops (with a warning).
 
     ``snapshot`` copies the best weights (the default makes an independent copy; a function
     returning ``net.state_dict()`` reproduces the authors' aliasing bug); ``on_checkpoint(step)``
@@ -387,16 +396,23 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
         if not (sp.train.size and sp.val.size and sp.test.size):
             raise UsageError(f"{what}: no usable images left in a split after skipping {bad.size} bad images")
     headline = p.headline_metric or prepared.headline_metric
+    train_src = prepared if train_store is None else train_store
+    crop_warning = []
+    if train_store is None:
+        crop_warning = ["training crops taken from the evaluation crops (no whole-image training store): "
+                        "small crops are blown up and the image outside the centre is never seen"]
+    elif len(train_store) != len(prepared) or train_store.records != prepared.records:
+        raise UsageError(f"{what}: the training store does not hold the same records as the evaluation crops")
     wd_root = Path(workdir) if workdir is not None else None
     trials = search_trials(p.search, p.lr, p.weight_decay, seed)
     train_settings = {n: v for n, v in p.key().items() if n not in ("lr", "weight_decay", "search")}
     outcomes: list[TrialOutcome] = []
     best_net: FinetuneNet | None = None
     for i, (lr, wd) in enumerate(trials):
-        key = content_key(VERSION, model.fingerprint, prepared.key, seed, lr, wd, k, headline,
+        key = content_key(VERSION, model.fingerprint, prepared.key, train_src.key, seed, lr, wd, k, headline,
                           train_settings, autocast_name(p, dev))
         trial_dir = None if wd_root is None else (wd_root / f"trial-{i:02d}" if len(trials) > 1 else wd_root)
-        net, out = _train_once(model, prepared, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
+        net, out = _train_once(model, prepared, train_src, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
                                workdir=trial_dir, key=key, headline=headline, p=p, snapshot=snapshot,
                                on_checkpoint=on_checkpoint)
         outcomes.append(out)
@@ -435,13 +451,15 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
         "val_seed": val_seed,
         "device": str(dev),
         "bootstrap": boot,
+        "train_crops_from": ("evaluation crops" if train_store is None else
+                             f"whole images, shorter side {train_store.size} (canvas {list(train_store.array.shape[1:3])})"),
         "amp": use_amp(p, dev),
         "autocast": autocast_name(p, dev),
         "model": model.name,
         "weights": model.weights,
     }
     return best_net, EvalResult(protocol="finetune", metrics=metrics, params=p.to_dict(), details=details,
-                                warnings=warns, headline=Headline(headline, float(metrics["headline"]), half, True))
+                                warnings=crop_warning + warns, headline=Headline(headline, float(metrics["headline"]), half, True))
 
 
 def use_amp(p: FinetuneParams, device: torch.device) -> bool:
@@ -476,6 +494,8 @@ class FinetuneParams(Params):
     val_every: int = setting(200, check=positive, help="steps between validations")
     patience: int = setting(3, check=positive, help="validations without improvement before stopping")
     image_size: int = setting(224, check=positive, help="training crop size")
+    train_size: int | None = setting(320, check=positive, help="shorter side of the whole-image store training "
+                                     "crops are taken from (never enlarged; None: crop from the 224 evaluation crops)")
     crop_scale: tuple[float, float] = setting((0.08, 1.0), help="RandomResizedCrop scale range")
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), help="RandomResizedCrop aspect range")
     hflip: bool = setting(True, help="random horizontal flips")
@@ -502,7 +522,9 @@ PAPER = {"val_seed": 0, "val_stratified": False, "val_generator": "legacy"}
 
 def _run(ctx: Context, p: FinetuneParams, seed: int) -> EvalResult:
     workdir = ctx.workdir()
-    result = finetune_model(ctx.model, ctx.prepared(), p, seed=seed, device=ctx.device, workdir=workdir)[1]
+    train = ctx.training_store(p.train_size) if p.train_size else None
+    result = finetune_model(ctx.model, ctx.prepared(), p, seed=seed, device=ctx.device, workdir=workdir,
+                            train_store=train)[1]
     if workdir is not None:
         result.files = [str(f) for f in sorted(workdir.rglob(FINAL))]
     return result
