@@ -88,3 +88,18 @@ def test_synthetic_data_says_so_in_its_info_results_and_summary(tmp_path: Path) 
     assert load_dataset("folder", real).info.synthetic  # the toy sets say so too
     (real / "MEDXFER_SYNTHETIC.txt").unlink()
     assert not load_dataset("folder", real).info.synthetic
+
+
+def test_signal_controls_how_separable_the_classes_are(tmp_path: Path) -> None:
+    """The demo's synthetic classes overlap (signal < 1): harder than the test sets, not at ceiling."""
+    import medxfer
+
+    model = medxfer.load_model("test-tiny", weights="random")
+    acc = {}
+    for signal in (1.0, 0.3):
+        root = write_synthetic("ichallenge-amd", tmp_path / str(signal), n_per_class=30, size=64, signal=signal)
+        feats = medxfer.extract_features(model, medxfer.load_dataset("ichallenge-amd", root), size=64)
+        acc[signal] = medxfer.evaluate("fewshot", feats, n_shot=10, n_query=10, episodes=200).headline.value
+    assert acc[1.0] > acc[0.3] + 10
+    with pytest.raises(ValueError, match="signal"):
+        write_synthetic("bach", tmp_path / "x", signal=0.0)
