@@ -57,7 +57,7 @@ def target(size: int = 64, seed: int = 1) -> torch.Tensor:
 
 def small_run(model: nn.Module | None = None, **kw: object) -> dip.Reconstruction:
     m = model if model is not None else seeded_tiny()
-    args: dict[str, object] = dict(normalize=imagenet, seed=0, steps=8, lr=1e-2, noise_size=128)
+    args: dict[str, object] = {"normalize": imagenet, "seed": 0, "steps": 8, "lr": 1e-2, "noise_size": 128}
     args.update(kw)
     return dip.reconstruct(m, target(), **args)  # type: ignore[arg-type]
 
@@ -190,8 +190,8 @@ def test_normalisation_applies_to_target_and_output_and_compat_differs() -> None
     dip.reconstruct(spy, t, normalize=None, seed=0, steps=1, noise_size=128, backbone=m)
     assert torch.equal(inputs[0], t.unsqueeze(0))                       # the raw target
     assert float(inputs[1].min()) >= 0.0 and float(inputs[1].max()) <= 1.0
-    norm, raw = small_run(m, steps=3), small_run(m, steps=3, normalize=None)
-    ident = small_run(m, steps=3, normalize=lambda x: x)
+    norm, raw = small_run(m, steps=2), small_run(m, steps=2, normalize=None)
+    ident = small_run(m, steps=2, normalize=lambda x: x)
     assert norm.losses != raw.losses and not torch.equal(norm.image, raw.image)
     assert ident.losses == raw.losses and torch.equal(ident.image, raw.image)
 

@@ -37,6 +37,7 @@ from typing import Union
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _check_digest(path: Path, expected: str | None, what: str) -> None:
 
 def _lpips():  # type: ignore[no-untyped-def]
     try:
-        import lpips  # noqa: PLC0415  (a runtime dependency of this analysis only)
+        import lpips  # a runtime dependency of this analysis only, imported when used
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the perceptual analysis needs the `lpips` package (pip install lpips)") from e
     return lpips
@@ -400,8 +401,6 @@ def save_png_pair(reconstruction: torch.Tensor, target: torch.Tensor, directory:
     """Save ``<stem>_reconstruction.png`` and ``<stem>_original.png`` (the target crop) in
     ``directory``: lossless 8-bit RGB PNG, values rounded to the nearest of 256 levels. Compute
     distances on the float tensors, not on these files. Returns both paths."""
-    from PIL import Image  # noqa: PLC0415
-
     if not re.fullmatch(r"[\w.-]+", stem):
         raise ValueError(f"stem must be a plain file-name stem, got {stem!r}")
     out = Path(directory)
