@@ -171,6 +171,10 @@ def test_tampered_heads_and_trunk_are_detected(weights: dict[str, object]) -> No
         getattr(model.net.slice5, "10").bias.mul_(2)
     with pytest.raises(P.PerceptualWeightsError, match="features.10.bias"):
         P.verify_lpips(model, "alex", state)
+    model = P.build_lpips("alex", state)
+    model.version = "0.0"  # v0.0 skips the input scaling
+    with pytest.raises(P.PerceptualWeightsError, match="v0.1"):
+        P.verify_lpips(model, "alex", state)
 
 
 def test_heads_that_strict_false_failed_to_load_are_detected(weights: dict[str, object]) -> None:

@@ -275,9 +275,13 @@ def build_lpips(net: str, backbone_state: StateDict, device: str | torch.device 
 
 
 def verify_lpips(model: nn.Module, net: str, backbone_state: StateDict) -> None:
-    """Raise :class:`PerceptualWeightsError` unless ``model``'s linear heads equal the wheel's v0.1
-    heads (same keys, equal tensors, all >= 0), its scaling layer is v0.1's, and every trunk tensor
-    equals ``backbone_state`` (torchvision ``features.*`` names) with none of it left unused."""
+    """Raise :class:`PerceptualWeightsError` unless ``model`` is a v0.1, linear-head, non-spatial
+    LPIPS of ``net`` whose heads equal the wheel's v0.1 heads (same keys, equal tensors, all >= 0),
+    whose scaling layer is v0.1's, and whose every trunk tensor equals ``backbone_state``
+    (torchvision ``features.*`` names) with none of it left unused."""
+    flags = {a: getattr(model, a, None) for a in ("version", "lpips", "spatial", "pnet_type")}
+    if flags != {"version": "0.1", "lpips": True, "spatial": False, "pnet_type": net}:
+        raise PerceptualWeightsError(f"LPIPS {net}: not a v0.1 linear-head, non-spatial {net} model: {flags}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ref = shipped_heads(net)
     heads = {k: v for k, v in state.items() if re.match(r"lin\d+\.", k)}
