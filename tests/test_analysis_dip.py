@@ -3,6 +3,7 @@ the normalisation switch; tiny feature extractors and few steps (a ResNet-18 tru
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -234,6 +235,16 @@ def test_resnet18_layer4_at_protocol_size() -> None:
     assert rec.image.shape == (3, 224, 224)
     assert rec.final_loss < 0.9 * rec.losses[0]
     assert all(p.grad is None for p in trunk.parameters())
+
+
+def test_autocast_and_channels_last_options_run_on_cpu() -> None:
+    """The CUDA defaults (autocast, channels-last) forced on the CPU: bf16 autocast, same first loss
+    to bf16 accuracy, a float32 image."""
+    exact = small_run(steps=1)
+    fast = small_run(steps=1, amp=True, channels_last=True)
+    assert fast.image.dtype == torch.float32 and fast.image.is_contiguous()
+    assert fast.losses[0] == pytest.approx(exact.losses[0], rel=5e-2)
+    assert all(math.isfinite(v) for v in fast.losses) and fast.losses != exact.losses
 
 
 @pytest.mark.gpu

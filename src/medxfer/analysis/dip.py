@@ -311,7 +311,10 @@ def reconstruct(
     amp_dtype = torch.bfloat16
     if use_amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = None  # loss scaling for fp16 autocast only
+    if use_amp and amp_dtype == torch.float16:
+        scaler_cls = getattr(torch.amp, "GradScaler", None)  # torch >= 2.3; torch.cuda.amp's before
+        scaler = scaler_cls(dev.type) if scaler_cls is not None else torch.cuda.amp.GradScaler()
     fmt = torch.channels_last if use_cl else torch.contiguous_format
 
     def autocast() -> AbstractContextManager[object]:
@@ -343,9 +346,13 @@ def reconstruct(
             if step == 0 and not loss.requires_grad:
                 raise RuntimeError("target_features cut the graph (no_grad / inference_mode / detach?): "
                                    "no gradient reaches the generator")
-            scaler.scale(loss).backward(inputs=params)
-            scaler.step(opt)
-            scaler.update()
+            if scaler is not None:
+                scaler.scale(loss).backward(inputs=params)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward(inputs=params)
+                opt.step()
             losses[step] = loss.detach()
             if step == 0:
                 _assert_no_weight_grads(module, grads_before)

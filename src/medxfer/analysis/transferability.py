@@ -281,5 +281,5 @@ def kendall_tau(scores: Mapping[Hashable, float] | Sequence[float],
         raise ValueError("need at least two models")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("scores and measured values must be finite")
-    res = stats.kendalltau(a, b)
-    return RankCorrelation(float(res.statistic), float(res.pvalue), int(a.size))
+    tau, pvalue = stats.kendalltau(a, b)  # tau-b; a tuple-like result in every scipy version
+    return RankCorrelation(float(tau), float(pvalue), int(a.size))
