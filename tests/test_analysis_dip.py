@@ -231,10 +231,16 @@ def test_resnet18_layer4_at_protocol_size() -> None:
     t = target(224, seed=5)
     with torch.no_grad():
         assert trunk.eval()(imagenet(t.unsqueeze(0))).shape == (1, 512, 7, 7)
-    rec = dip.reconstruct(trunk, t, normalize=imagenet, seed=0, steps=6)  # Adam at 1e-3: bumpy at first
-    assert rec.image.shape == (3, 224, 224)
-    assert rec.final_loss < 0.9 * rec.losses[0]
+    rec = dip.reconstruct(trunk, t, normalize=imagenet, seed=0, steps=1)
+    assert rec.image.shape == (3, 224, 224) and len(rec.losses) == 1
+    assert math.isfinite(rec.final_loss) and rec.final_loss != rec.losses[0]
     assert all(p.grad is None for p in trunk.parameters())
+
+
+@pytest.mark.slow
+def test_resnet18_loss_decreases_at_protocol_size() -> None:
+    rec = dip.reconstruct(resnet18_trunk(), target(224, seed=5), normalize=imagenet, seed=0, steps=6)
+    assert rec.final_loss < 0.9 * rec.losses[0]  # Adam at 1e-3 is bumpy over the first steps
 
 
 def test_autocast_and_channels_last_options_run_on_cpu() -> None:
