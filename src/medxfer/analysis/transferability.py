@@ -92,7 +92,7 @@ def _fit_column(u: np.ndarray, sigma: np.ndarray, y: np.ndarray, d: int, max_ite
         return gamma, max(mm, tiny), max(res, tiny)
 
     alpha, beta, converged, it = 1.0, 1.0, False, 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007  (the count is returned)
         gamma, mm, res = terms(alpha, beta)
         new_alpha, new_beta = gamma / mm, (n - gamma) / res
         done = abs(new_alpha - alpha) <= tol * abs(alpha) and abs(new_beta - beta) <= tol * abs(beta)
