@@ -57,14 +57,16 @@ class TorchvisionWeights:
     sha256_prefix: str  # the hash prefix in torchvision's file name
 
 
-TORCHVISION_WEIGHTS: dict[str, TorchvisionWeights] = {
-    "alex": TorchvisionWeights("alexnet", "alexnet-owt-7be5be79.pth",
-                               "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79"),
-    "squeeze": TorchvisionWeights("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth",
-                                  "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth", "b8a52dc0"),
-    "vgg": TorchvisionWeights("vgg16", "vgg16-397923af.pth",
-                              "https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"),
-}
+def _torchvision_weights() -> dict[str, TorchvisionWeights]:
+    from medxfer.models.auxiliary import AUXILIARY
+
+    archs = {"alex": "alexnet", "squeeze": "squeezenet1_1", "vgg": "vgg16"}
+    return {net: TorchvisionWeights(arch, (a := AUXILIARY.get(f"lpips-{net}")).filename, a.url, a.sha256_prefix)
+            for net, arch in archs.items()}
+
+
+# the facts of each file are declared once, with the other cached weights (medxfer.models.auxiliary)
+TORCHVISION_WEIGHTS: dict[str, TorchvisionWeights] = _torchvision_weights()
 
 # SHA-256 of the v0.1 linear heads in the lpips 0.1.4 wheel (lpips/weights/v0.1/<net>.pth).
 HEAD_SHA256 = {

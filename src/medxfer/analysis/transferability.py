@@ -28,6 +28,11 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from medxfer.analysis._select import choose_rows
+from medxfer.errors import UsageError
+from medxfer.protocols.base import EvalResult, Headline, Needs, Params, Protocol, register_protocol
+from medxfer.typed import positive, setting
+
 log = logging.getLogger(__name__)
 
 
@@ -283,3 +288,50 @@ def kendall_tau(scores: Mapping[Hashable, float] | Sequence[float],
         raise ValueError("scores and measured values must be finite")
     tau, pvalue = stats.kendalltau(a, b)  # tau-b; a tuple-like result in every scipy version
     return RankCorrelation(float(tau), float(pvalue), int(a.size))
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+SCORES: dict[str, Any] = {"logme": logme, "hscore": h_score, "hscore_shrinkage": h_score_shrinkage, "gbc": gbc}
+
+
+def _check_scores(value: Any) -> None:
+    unknown = [s for s in value if s not in SCORES]
+    if unknown or not value:
+        raise ValueError(f"unknown score(s) {unknown}; choose from {', '.join(SCORES)}")
+
+
+@dataclass(frozen=True)
+class TransferabilityParams(Params):
+    """Scores from frozen features of the labelled (training) images, no training."""
+
+    scores: tuple[str, ...] = setting(("logme", "hscore_shrinkage", "gbc"), check=_check_scores,
+                                      help=f"scores to compute ({', '.join(SCORES)}); the first is the headline")
+    splits: tuple[str, ...] | None = setting(("train", "val"), help="splits whose images are scored "
+                                             "(the labelled ones a user would train on); None: all")
+    max_images: int | None = setting(20000, check=positive, help="seeded subsample above this many images")
+    gbc_pca_dim: int = setting(64, check=positive, help="PCA dimension for GBC")
+
+
+def _run(ctx: Any, p: TransferabilityParams, seed: int) -> EvalResult:
+    feats = ctx.features()
+    rows = np.sort(choose_rows(feats.records, p.max_images, seed, splits=p.splits))
+    if len(rows) < 2:
+        raise UsageError(f"transferability: fewer than 2 images in splits {p.splits}")
+    x = np.asarray(feats.features)[rows]
+    y = feats.labels[rows]
+    kwargs = {"gbc": {"pca_dim": min(p.gbc_pca_dim, x.shape[1])}}
+    metrics = {name: float(SCORES[name](x, y, **kwargs.get(name, {}))) for name in p.scores}
+    metrics["images"] = float(len(rows))
+    return EvalResult(
+        protocol="transferability", metrics=metrics, params=p.to_dict(),
+        headline=Headline(p.scores[0], metrics[p.scores[0]], None, True),
+        details={"rows": len(rows), "classes": int(len(np.unique(y))), "feature_dim": int(x.shape[1]),
+                 "note": "higher is better for every score; compare models on one dataset, not across datasets"})
+
+
+register_protocol(Protocol(
+    name="transferability", version="1", params=TransferabilityParams, run=_run,
+    needs=Needs(features=("pooled",), accelerator="cpu"),
+    description="LogME, (shrinkage) H-score and GBC on frozen features: predict transfer without training",
+), aliases=("logme",))

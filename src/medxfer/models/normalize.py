@@ -28,6 +28,7 @@ class Normalization:
     name: str
     fn: Normalizer
     version: str = "1"
+    float_fn: Normalizer | None = None  # the same on float [0, 1] input, where it is differentiable
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.fn(images)
@@ -36,9 +37,9 @@ class Normalization:
 NORMALIZATIONS: Registry[Normalization] = Registry("normalization")
 
 
-def register_normalization(name: str, fn: Normalizer, version: str = "1",
-                           aliases: tuple[str, ...] = ()) -> Normalization:
-    return NORMALIZATIONS.register(name, Normalization(name, fn, version), aliases=aliases)
+def register_normalization(name: str, fn: Normalizer, version: str = "1", aliases: tuple[str, ...] = (),
+                           float_fn: Normalizer | None = None) -> Normalization:
+    return NORMALIZATIONS.register(name, Normalization(name, fn, version, float_fn), aliases=aliases)
 
 
 def to_rgb_float(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,16 @@ def to_rgb_float(x: torch.Tensor) -> torch.Tensor:
 
 def _mean_std(mean: tuple[float, ...], std: tuple[float, ...]) -> Normalizer:
     def norm(x: torch.Tensor) -> torch.Tensor:
-        xf = to_rgb_float(x)
+        return _mean_std_float(mean, std)(to_rgb_float(x))
+
+    return norm
+
+
+def _mean_std_float(mean: tuple[float, ...], std: tuple[float, ...]) -> Normalizer:
+    """The same normalisation on float [0, 1] input (differentiable: analyses that optimise images)."""
+    def norm(xf: torch.Tensor) -> torch.Tensor:
+        if xf.shape[1] == 1:
+            xf = xf.expand(-1, 3, -1, -1)
         m = torch.tensor(mean, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
         s = torch.tensor(std, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
         return (xf - m) / s
@@ -129,13 +139,15 @@ def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch
     return out
 
 
-register_normalization("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
-register_normalization("none", to_rgb_float, aliases=("raw",))
+register_normalization("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD),
+                       float_fn=_mean_std_float(IMAGENET_MEAN, IMAGENET_STD))
+register_normalization("none", to_rgb_float, aliases=("raw",), float_fn=_mean_std_float((0.0,) * 3, (1.0,) * 3))
 register_normalization("histeq", histogram_equalize, aliases=("histogram-equalization",))
 # version 2: one histogram per image over all channels (version 1 was per channel)
 register_normalization("histeq-covidprognosis", histogram_equalize_covidprognosis, version="2",
                        aliases=("histeq-cp",))
-register_normalization("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
+register_normalization("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3),
+                       float_fn=_mean_std_float((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
 
 
 def get_normalizer(name: str) -> Normalization:
