@@ -107,3 +107,18 @@ def test_analyses_are_registered_with_their_needs() -> None:
     assert PROTOCOLS.get("transferability").needs.features == ("pooled",)
     assert PROTOCOLS.get("reconstruction").make_params(compat="paper").normalize_input is False
     json.dumps(PROTOCOLS.get("reconstruction").make_params().to_dict())
+
+
+def test_analyze_verb_runs_the_same_cells(tmp_path: Path, capsys) -> None:
+    from medxfer.cli import main
+
+    data = write_stripes_blobs(tmp_path / "data", n_per_class=6, size=40)
+    args = ["--quiet", "--models", "test-tiny", "--weights", "random", "--dataset", f"toy=folder:{data}",
+            "--image-size", "32", "--out", str(tmp_path / "o")]
+    assert main(["analyze", "transferability", *args]) == 0
+    (result,) = (tmp_path / "o" / "results").glob("test-tiny__toy__transferability__seed0*.json")
+    assert json.loads(result.read_text())["protocol"] == "transferability"
+    assert main(["run", "--protocols", "transferability", *args]) == 0  # the same cell: reused
+    assert "reused 1" in capsys.readouterr().err
+    assert main(["analyze", "fewshot", *args]) == 2
+    assert "not an analysis" in capsys.readouterr().err

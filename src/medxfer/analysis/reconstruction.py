@@ -167,7 +167,7 @@ def _result(p: ReconstructionParams, per_image: list[dict[str, Any]], files: lis
 
 
 register_protocol(Protocol(
-    name="reconstruction", version="1", params=ReconstructionParams, run=_run,
+    name="reconstruction", version="1", params=ReconstructionParams, run=_run, analysis=True,
     needs=Needs(images=True, model=True, accelerator="gpu"),
     compat={"paper": {"normalize_input": False}},
     description="deep-image-prior inversion of the last-stage feature map, LPIPS (alex, squeeze, vgg) "

@@ -331,7 +331,7 @@ def _run(ctx: Any, p: TransferabilityParams, seed: int) -> EvalResult:
 
 
 register_protocol(Protocol(
-    name="transferability", version="1", params=TransferabilityParams, run=_run,
+    name="transferability", version="1", params=TransferabilityParams, run=_run, analysis=True,
     needs=Needs(features=("pooled",), accelerator="cpu"),
     description="LogME, (shrinkage) H-score and GBC on frozen features: predict transfer without training",
 ), aliases=("logme",))

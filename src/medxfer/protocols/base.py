@@ -112,6 +112,7 @@ class Protocol:
     dataset_defaults: Callable[[DatasetInfo], dict[str, Any]] | None = None
     check: CheckFn | None = None
     key_extras: Callable[[Any, str], dict[str, Any]] | None = None
+    analysis: bool = False  # an analysis of what features encode (also runnable as `medxfer analyze NAME`)
 
     def spell(self, name: str) -> str:
         return f"--set {self.name}.{name}"
