@@ -76,6 +76,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON containers and numbers, NaN and infinities as ``None``."""
+    return _json_safe(value)
+
+
 class _ToDict:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (``json.dumps(..., allow_nan=False)`` accepts it)."""
