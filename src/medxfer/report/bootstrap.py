@@ -1,0 +1,155 @@
+"""The generalisation interval of a few-shot comparison (``medxfer report --bootstrap N``).
+
+The episode interval covers re-drawing episodes from the same images. This bootstrap asks
+what a new test pool could give: it resamples the pool with replacement (whole patients
+where every record has one and each patient's images share a class, else images, within
+each class), re-runs the *same* episode seed on each resampled pool with every model's
+cached features, and reports percentile intervals of each model's accuracy and of its
+difference to the best (:func:`medxfer.report.stats.bootstrap_intervals`).
+
+It needs the feature cache the results were computed from (``inputs["features:pooled"]``
+under the run's cache folder) and the dataset itself (to re-read labels and splits); when
+either is gone the reason is recorded instead. A drawn-twice image can land in an episode's
+support and its query: stated with the interval.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medxfer.errors import MedxferError
+from medxfer.report.collect import Collection
+from medxfer.report.findings import FewShotPairs
+from medxfer.results import Result
+
+log = logging.getLogger(__name__)
+
+DUPLICATES_NOTE = ("an image drawn twice in a resampled pool can appear in one episode's support and query, "
+                   "which makes resampled accuracies slightly optimistic; differences between models are less affected")
+
+
+class Unavailable(Exception):
+    """The bootstrap cannot run for this comparison; the message says why."""
+
+
+def _cache_dir(coll: Collection, r: Result) -> Path:
+    from medxfer.cache import resolve_cache_dir
+
+    info = coll.run_info or {}
+    return resolve_cache_dir(info.get("cache_dir") or r.spec.get("cache_dir"))
+
+
+def _features(coll: Collection, r: Result) -> np.ndarray:
+    from medxfer.cache import ResumableArray
+
+    entry = r.inputs.get("features:pooled") or {}
+    key = entry.get("key")
+    if not key:
+        raise Unavailable(f"the result of {r.model} records no cached features (inputs['features:pooled'])")
+    folder = _cache_dir(coll, r) / "features" / key
+    loaded = ResumableArray(folder, f"pooled features of {r.model} on {r.dataset}").load()
+    if loaded is None:
+        raise Unavailable(f"the feature cache of {r.model} on {r.dataset} is not there any more ({folder}); "
+                          "re-run `medxfer run` with the same options to rebuild it")
+    return np.asarray(loaded[0])
+
+
+def _dataset(r: Result) -> Any:
+    from medxfer.data import load_dataset
+
+    arg = next((d for d in r.spec.get("datasets", []) if d.get("label") == r.dataset), None)
+    if arg is None:
+        raise Unavailable(f"the run spec of {r.cell_id} does not name dataset {r.dataset!r}")
+    try:
+        return load_dataset(arg["kind"], arg["root"], skip_bad=bool(r.spec.get("skip_bad", False)),
+                            **dict(arg.get("options") or {}))
+    except (MedxferError, OSError) as exc:
+        raise Unavailable(f"cannot re-read dataset {r.dataset!r} at {arg['root']}: {exc}") from None
+
+
+def _params(r: Result) -> Any:
+    from medxfer.protocols.fewshot import FewShotParams
+
+    names = {f.name for f in fields(FewShotParams)}
+    return FewShotParams(**{k: v for k, v in r.params.items() if k in names})
+
+
+def _groups(records: list[Any], pool: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray | None, str]:
+    patients = [records[i].patient for i in pool]
+    if any(p is None for p in patients):
+        return None, "image"
+    by_patient: dict[str, set[int]] = {}
+    for p, y in zip(patients, labels[pool]):
+        by_patient.setdefault(str(p), set()).add(int(y))
+    if any(len(v) > 1 for v in by_patient.values()):
+        return None, "image (some patients have images of several classes)"
+    return np.asarray([str(p) for p in patients]), "patient"
+
+
+def generalisation_bootstrap(coll: Collection, pairs: FewShotPairs, n_boot: int, seed: int = 0,
+                             level: float = 0.95) -> dict[str, Any]:
+    """Percentile intervals over resampled pools for every model of ``pairs`` (see the module
+    docstring): ``{"models": {model: {"accuracy": ..., "difference": ...}}, ...}``, or
+    ``{"unavailable": reason}``."""
+    from medxfer.protocols.fewshot import FewShotError, draw_episodes, episode_accuracies, sample_episodes
+    from medxfer.report.stats import StatsInputError, bootstrap_intervals
+
+    comp = pairs.comparison
+    if comp is None:
+        return {"unavailable": pairs.reason or "no paired comparison"}
+    models = [row.model for row in comp.rows]
+    try:
+        first = pairs.results[comp.best]
+        ds = _dataset(first)
+        labels = np.asarray([rec.label for rec in ds.records], dtype=np.int64)
+        splits = np.asarray([rec.split for rec in ds.records])
+        feats = {}
+        for m in models:
+            x = _features(coll, pairs.results[m])
+            if x.shape[0] != len(labels):
+                raise Unavailable(f"the cached features of {m} have {x.shape[0]} rows, the dataset now has "
+                                  f"{len(labels)} records (skipped images or a changed dataset)")
+            feats[m] = x
+        p = _params(first)
+        ep_seed = int(first.details.get("episode_seed", first.seed))
+        pool, eps, _ = draw_episodes(labels, splits, p, ep_seed, ds.info.class_names)
+        if eps.digest() != pairs.episodes_sha256:
+            raise Unavailable("the episodes drawn from the dataset as it is now differ from the recorded ones "
+                              "(episodes_sha256): the dataset or its options changed")
+        for m in models:
+            acc = float(episode_accuracies(feats[m], eps).mean())
+            if abs(100.0 * acc - pairs.results[m].headline.value) > 1e-6:
+                raise Unavailable(f"the cached features of {m} do not reproduce its recorded accuracy")
+    except Unavailable as exc:
+        log.warning("bootstrap of %s on %s: %s", pairs.table, pairs.dataset, exc)
+        return {"unavailable": str(exc)}
+    groups, unit_text = _groups(ds.records, pool, labels)
+
+    def statistic(ix: np.ndarray) -> dict[str, float]:
+        e, _ = sample_episodes(labels, p.n_way, p.n_shot, p.n_query, p.episodes, ep_seed, pool=ix,
+                               small_classes=p.small_classes, class_names=ds.info.class_names)
+        acc = {m: 100.0 * float(episode_accuracies(feats[m], e).mean()) for m in models}
+        out = {f"{m}\0accuracy": a for m, a in acc.items()}
+        out.update({f"{m}\0difference": acc[m] - acc[comp.best] for m in models if m != comp.best})
+        return out
+
+    try:
+        intervals = bootstrap_intervals(statistic, pool, n_boot=n_boot, seed=seed, groups=groups,
+                                        strata=labels[pool], level=level)
+    except (FewShotError, StatsInputError) as exc:
+        log.warning("bootstrap of %s on %s: %s", pairs.table, pairs.dataset, exc)
+        return {"unavailable": f"resampled pools could not be evaluated: {exc}"}
+    per_model: dict[str, dict[str, Any]] = {m: {} for m in models}
+    for k, iv in intervals.items():
+        m, what = k.split("\0")
+        per_model[m][what] = {"estimate": iv.estimate, "low": iv.low, "high": iv.high, "std_error": iv.std_error}
+    any_iv = next(iter(intervals.values()))
+    log.info("bootstrap of %s on %s: %d replicates over %d %ss", pairs.table, pairs.dataset, n_boot,
+             any_iv.n_units, any_iv.unit)
+    return {"models": per_model, "n_boot": n_boot, "seed": seed, "level": level, "unit": any_iv.unit,
+            "unit_choice": unit_text, "n_units": any_iv.n_units, "episode_seed": ep_seed,
+            "interval_covers": any_iv.interval_covers, "note": DUPLICATES_NOTE}
