@@ -104,16 +104,14 @@ def generalisation_bootstrap(coll: Collection, pairs: FewShotPairs, n_boot: int,
     models = [row.model for row in comp.rows]
     try:
         first = pairs.results[comp.best]
+        feats = {m: _features(coll, pairs.results[m]) for m in models}
         ds = _dataset(first)
         labels = np.asarray([rec.label for rec in ds.records], dtype=np.int64)
         splits = np.asarray([rec.split for rec in ds.records])
-        feats = {}
-        for m in models:
-            x = _features(coll, pairs.results[m])
+        for m, x in feats.items():
             if x.shape[0] != len(labels):
                 raise Unavailable(f"the cached features of {m} have {x.shape[0]} rows, the dataset now has "
                                   f"{len(labels)} records (skipped images or a changed dataset)")
-            feats[m] = x
         p = _params(first)
         ep_seed = int(first.details.get("episode_seed", first.seed))
         pool, eps, _ = draw_episodes(labels, splits, p, ep_seed, ds.info.class_names)

@@ -83,6 +83,8 @@ class Collection:
     dataset_facts: dict[str, DatasetFacts] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # model name -> its unique display label
     ds_labels: dict[str, str] = field(default_factory=dict)  # dataset label -> its display label
+    _random: set[str] | None = field(default=None, repr=False)
+    _names: list[str] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, results: list[Result], run_dir: Path | None = None,
@@ -119,7 +121,10 @@ class Collection:
         return self.ds_labels.get(dataset, dataset)
 
     def random_weights(self, model: str) -> bool:
-        return bool(self.model_facts[model].random_weights)
+        """True when any result of ``model`` used random weights (a run folder can mix both)."""
+        if self._random is None:
+            self._random = {r.model for r in self.results if r.model_info.random_weights}
+        return model in self._random
 
     def synthetic(self, dataset: str) -> bool:
         return bool(self.dataset_facts[dataset].synthetic)
@@ -147,6 +152,23 @@ class Collection:
                 return (2, ANALYSES.index(proto), name)
             return (1, 0, name)
         return {n: groups[n] for n in sorted(groups, key=key)}
+
+    def table_title(self, name: str) -> str:
+        """A table's short title: the protocol's ("Few-shot"), with the variant only when the run
+        has several tables of that protocol."""
+        proto = name.split(" ", 1)[0]
+        base = PROTOCOL_TITLES.get(proto, proto)
+        if self._names is None:
+            self._names = sorted({table_name(r) for r in self.results})
+        if sum(n.split(" ", 1)[0] == proto for n in self._names) <= 1:
+            return base
+        return base + name[len(proto):]
+
+    @staticmethod
+    def variant_note(name: str) -> str | None:
+        """"Settings changed from the defaults: ..." for a variant table, else None."""
+        _, _, rest = name.partition(" ")
+        return f"Settings changed from the protocol's defaults: {rest.strip('()')}." if rest else None
 
     def transfer_tables(self) -> dict[str, list[Result]]:
         return {n: rs for n, rs in self.tables().items() if not is_analysis(rs[0].protocol)}

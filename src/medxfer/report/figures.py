@@ -29,7 +29,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
 
-from medxfer.report.collect import FAMILIES, PROTOCOL_TITLES, Collection
+from medxfer.errors import UsageError
+from medxfer.report.collect import FAMILIES, Collection
 from medxfer.report.figures_stats import cd_diagram, forest_plot
 from medxfer.report.findings import Findings, by_family_and_domain, family_means
 from medxfer.report.stats import AcrossDatasets, DatasetComparison
@@ -43,6 +44,13 @@ FAMILY_COLOURS = {"self-supervised": "#0072B2", "supervised": "#E69F00", "domain
 OTHER_COLOUR = "#999999"
 DOMAIN_COLOURS = {"in-domain": "#CC79A7", "out-of-domain": "#56B4E9"}
 THUMB = 96  # pixels of an image in a grid
+
+
+FIGURE_LABEL_MAX = 36  # characters of a model name in a statistics figure
+
+
+def short_label(text: str, limit: int = FIGURE_LABEL_MAX) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 @dataclass
@@ -66,11 +74,6 @@ def _style(ax) -> None:  # type: ignore[no-untyped-def]
     ax.tick_params(labelsize=FONT - 1)
     ax.grid(axis="y", color="0.92", lw=0.8, zorder=0)
     ax.set_axisbelow(True)
-
-
-def _protocol_title(name: str, results: list[Result]) -> str:
-    proto = results[0].protocol
-    return PROTOCOL_TITLES.get(proto, proto) + name[len(proto):]
 
 
 def _families_present(coll: Collection, models: list[str]) -> list[str]:
@@ -105,7 +108,7 @@ def figure2(coll: Collection, f: Findings) -> Figure:
         ax.set_xticks(range(len(ds)), [coll.dataset_label(d) for d in ds], fontsize=FONT - 1)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("scaled score", fontsize=FONT)
-        ax.set_title(_protocol_title(name, rs), fontsize=FONT + 1, loc="left")
+        ax.set_title(coll.table_title(name), fontsize=FONT + 1, loc="left")
         _style(ax)
         skipped = [d for d in coll.datasets_of(rs) if d not in means]
         if skipped:
@@ -132,7 +135,7 @@ def figure3(coll: Collection, f: Findings) -> Figure:
     fig = MplFigure(figsize=(max(5.0, 1.0 + 0.9 * len(ssl)) * len(panels) / max(1, len(panels)) + 2, 3.0 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     missing = []
-    for ax, (name, rs, scaled) in zip(axes, panels):
+    for ax, (name, _rs, scaled) in zip(axes, panels):
         ms = [m for m in ssl if any(m in per for per in scaled.values())]
         data = [[per[m] for per in scaled.values() if m in per] for m in ms]
         if not ms:
@@ -143,10 +146,10 @@ def figure3(coll: Collection, f: Findings) -> Figure:
         for patch in box["boxes"]:
             patch.set_facecolor(FAMILY_COLOURS["self-supervised"])
             patch.set_alpha(0.75)
-        ax.set_xticks(range(1, len(ms) + 1), [coll.model_label(m) for m in ms], fontsize=FONT - 1)
+        ax.set_xticks(range(1, len(ms) + 1), [short_label(coll.model_label(m), 18) for m in ms], fontsize=FONT - 1)
         ax.set_ylim(-0.05, 1.05)
         ax.set_ylabel("scaled score", fontsize=FONT)
-        ax.set_title(f"{_protocol_title(name, rs)} ({len(scaled)} datasets)", fontsize=FONT + 1, loc="left")
+        ax.set_title(f"{coll.table_title(name)} ({len(scaled)} datasets)", fontsize=FONT + 1, loc="left")
         _style(ax)
     fig.subplots_adjust(hspace=0.5, top=1 - 0.3 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
                         left=0.08, right=0.99)
@@ -188,11 +191,11 @@ def figure4(coll: Collection, f: Findings) -> Figure:
     fig = MplFigure(figsize=(3.4 * len(panels) + 0.6, 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     missing = []
-    for ax, (name, rs, scaled) in zip(axes, panels):
+    for ax, (name, _rs, scaled) in zip(axes, panels):
         stats = by_family_and_domain(coll, scaled)
         missing += [f"{name}, {m}" for m in _domain_bars(ax, coll, stats, "scaled score")]
         ax.set_ylim(0, 1.15)
-        ax.set_title(_protocol_title(name, rs), fontsize=FONT + 1, loc="left")
+        ax.set_title(coll.table_title(name), fontsize=FONT + 1, loc="left")
     fig.legend(handles=[Patch(color=c, label=d) for d, c in DOMAIN_COLOURS.items()], loc="upper center", ncol=2,
                frameon=False, fontsize=FONT)
     fig.subplots_adjust(top=0.8, bottom=0.14, wspace=0.3, left=0.07, right=0.99)
@@ -234,10 +237,11 @@ def figure5(coll: Collection, f: Findings) -> Figure:
                 ax.plot([j - 0.42, j + 0.42], [max(vals) if hib else min(vals)] * 2, color="black", lw=1.6, zorder=3)
         ax.set_xticks(range(len(ds)), [coll.dataset_label(d) for d in ds], fontsize=FONT - 1)
         ax.set_ylabel(rs[0].headline.metric.replace("_", " "), fontsize=FONT)
-        ax.set_title(_protocol_title(name, rs), fontsize=FONT + 1, loc="left")
+        ax.set_title(coll.table_title(name), fontsize=FONT + 1, loc="left")
         _style(ax)
         if not handles:
-            handles = [Patch(color=palette[i % len(palette)], label=coll.model_label(m)) for i, m in enumerate(ms)]
+            handles = [Patch(color=palette[i % len(palette)], label=short_label(coll.model_label(m)))
+                       for i, m in enumerate(ms)]
     handles.append(Patch(color="black", label="best ImageNet-pretrained model"))
     fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), frameon=False, fontsize=FONT - 1)
     rows = math.ceil(len(handles) / 4)
@@ -255,6 +259,7 @@ CORRELATION_TITLES = {
 }
 
 
+MIN_POINTS = 3  # a correlation panel needs this many models
 PROTOCOL_STYLE = {"fewshot": ("o", "#0072B2"), "linear": ("s", "#E69F00"), "finetune": ("^", "#009E73")}
 EXTRA_STYLES = [("D", "#CC79A7"), ("v", "#D55E00"), ("P", "#56B4E9")]
 
@@ -277,9 +282,11 @@ def correlation_figures(coll: Collection, f: Findings) -> list[Figure]:
         caption = (f"One point per model and transfer protocol; per protocol the least-squares line, Pearson r and "
                    f"its two-sided p over the models of each dataset. x: {xv.label}.")
         datasets = [d for d in coll.datasets if any(f.correlations[xv.slug][t].get(d) is not None
-                                                    and f.correlations[xv.slug][t][d].n > 0 for t in transfer)]
+                                                    and f.correlations[xv.slug][t][d].n >= MIN_POINTS
+                                                    for t in transfer)]
         if not datasets:
-            out.append(Figure(slug, title, caption, None, [f"no model has both a transfer result and {xv.title}"]))
+            out.append(Figure(slug, title, caption, None, [f"no dataset has {MIN_POINTS} or more models with both a "
+                                                           f"transfer result and {xv.title}"]))
             continue
         ncols = min(4, len(datasets))
         nrows = math.ceil(len(datasets) / ncols)
@@ -413,7 +420,7 @@ def image_grid(coll: Collection, protocol: str, slug: str, title: str, caption: 
     fig = MplFigure(figsize=(W, H))
     ax = fig.add_axes((label_w / W, 0.15 / H, mosaic.shape[1] * inch / W, mosaic.shape[0] * inch / H))
     ax.imshow(mosaic, interpolation="none", extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
-    ax.set_yticks([i * step + THUMB / 2 for i in range(len(models))], [coll.model_label(m) for m in models],
+    ax.set_yticks([i * step + THUMB / 2 for i in range(len(models))], [short_label(coll.model_label(m), 28) for m in models],
                   fontsize=FONT - 1)
     ax.set_xticks([j * step + THUMB / 2 for j in range(len(datasets))], [coll.dataset_label(d) for d in datasets],
                   fontsize=FONT - 1.5, rotation=25, ha="left")
@@ -437,30 +444,43 @@ def _relabel_comparison(c: DatasetComparison, label) -> DatasetComparison:  # ty
 
 def stats_figures(coll: Collection, f: Findings) -> list[Figure]:
     out = []
+
+    def label(m: str) -> str:
+        return short_label(coll.model_label(m))
+
     for name, a in f.across.items():
-        title = f"Critical-difference diagram: {name}"
+        title = f"Critical-difference diagram: {coll.table_title(name)}"
         caption = ("Mean ranks across datasets (1 = best); bars join models whose pairwise Wilcoxon signed-rank "
                    "tests are not significant after Holm.")
         slug = "figcd_" + slugify(name)
         if a.result is None:
             out.append(Figure(slug, title, caption, None, [a.reason or "not computed"]))
             continue
-        fig = cd_diagram(_relabel_across(a.result, coll.model_label), title=f"{name}: mean ranks over "
-                         f"{len(a.result.datasets)} datasets")
+        try:
+            fig = cd_diagram(_relabel_across(a.result, label), title=f"{coll.table_title(name)}: mean ranks over "
+                             f"{len(a.result.datasets)} datasets")
+        except UsageError as exc:  # names too long even when shortened
+            out.append(Figure(slug, title, caption, None, [str(exc)]))
+            continue
         missing = [f"left out (not on every dataset): {', '.join(map(coll.model_label, a.excluded_models))}"] \
             if a.excluded_models else []
         out.append(Figure(slug, title, caption, fig, missing))
     for name, pairs in f.pairs.items():
         for p in pairs:
             slug = f"figforest_{slugify(name)}_{slugify(p.dataset)}"
-            title = f"Forest plot: {coll.dataset_label(p.dataset)}, {name}"
+            title = f"Forest plot: {coll.dataset_label(p.dataset)}, {coll.table_title(name)}"
             caption = ("Every model's paired difference to the best on the same episodes, with its 95% interval "
                        "(conditional on the test pool).")
             if p.comparison is None:
                 out.append(Figure(slug, title, caption, None, [p.reason or "not computed"]))
                 continue
-            fig = forest_plot(_relabel_comparison(p.comparison, coll.model_label),
-                              title=f"{coll.dataset_label(p.dataset)}: every model against the best ({name})")
+            try:
+                fig = forest_plot(_relabel_comparison(p.comparison, label),
+                                  title=f"{coll.dataset_label(p.dataset)}: every model against the best "
+                                        f"({coll.table_title(name).lower()})")
+            except UsageError as exc:
+                out.append(Figure(slug, title, caption, None, [str(exc)]))
+                continue
             out.append(Figure(slug, title, caption, fig, [f"not paired (other episodes): {m}" for m in p.unpaired]))
     return out
 

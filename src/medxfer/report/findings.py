@@ -492,7 +492,8 @@ class Findings:
 def _basis_fewshot(p: FewShotPairs) -> str:
     c = p.comparison
     assert c is not None
-    return (f"paired t test on {c.n_episodes} shared episodes, Holm over {len(c.rows) - 1} comparisons, "
+    k = len(c.rows) - 1
+    return (f"paired t test on {c.n_episodes} shared episodes, Holm over {k} comparison{'s' if k > 1 else ''}, "
             f"alpha {c.alpha:g}; conditional on this pool of {p.pool.pool_images} images")
 
 

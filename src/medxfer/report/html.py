@@ -99,7 +99,7 @@ def render_html(coll: Collection, f: Findings, *, answer: Table | None, tables: 
     template = _environment().from_string(template_text())
     run = coll.run_dir.name if coll.run_dir is not None else "results"
     return template.render(
-        csp=CSP, run=run, coll=coll, f=f, answer=answer, tables=tables, stats_tables=stats_tables,
+        csp=Markup(CSP), run=run, coll=coll, f=f, answer=answer, tables=tables, stats_tables=stats_tables,
         figures=[g for g in figures if g.png is not None], missing_figures=[g for g in figures if g.png is None],
         files=files, prov=provenance(coll, f),
         random_models=[coll.model_label(m) for m in coll.models if coll.random_weights(m)],

@@ -183,8 +183,11 @@ def _grid_table(coll: Collection, slug: str, title: str, results: list[Result], 
     return t
 
 
-def _suffix(name: str, protocol: str) -> str:
-    return name[len(protocol):].strip()
+def _variant_title(coll: Collection, name: str) -> str:
+    """The variant after a table's title, only when the run has several tables of its protocol."""
+    short = coll.table_title(name)
+    base = short.split(" (", 1)
+    return f" ({base[1]}" if len(base) > 1 else ""
 
 
 # ----------------------------------------------------------------------- the tables
@@ -210,8 +213,9 @@ def fewshot_table(coll: Collection, f: Findings, name: str, results: list[Result
         if w:
             notes.append("⚠ " + w)
     title = "Few-shot accuracy (%), mean ± 95% CI over episodes (like the paper's Table 3)"
-    if _suffix(name, "fewshot"):
-        title += " " + _suffix(name, "fewshot")
+    title += _variant_title(coll, name)
+    if coll.variant_note(name):
+        notes.insert(0, coll.variant_note(name) or "")
     hib = results[0].headline.higher_is_better
     return _grid_table(coll, "table_" + slugify(name), title, results, lambda m, d: fmt_value(grid.get((m, d))),
                        hib, 2, facts=[("episodes", settings), ("pool", pool_row)], notes=notes)
@@ -258,8 +262,9 @@ def manyshot_table(coll: Collection, name: str, results: list[Result], metric: s
                  "the usual many-shot metric on chest X-rays."]
         title = f"{PROTOCOL_TITLES.get(proto, proto)} AUROC (%), chest X-ray datasets"
         slug = "table_" + slugify(name) + "_auroc"
-    if _suffix(name, proto):
-        title += " " + _suffix(name, proto)
+    title += _variant_title(coll, name)
+    if coll.variant_note(name):
+        notes.insert(0, coll.variant_note(name) or "")
     t = _grid_table(coll, slug, title, results, cell, results[0].headline.higher_is_better, 2,
                     facts=[("metric", metric_row), ("test images", test_row)], notes=notes, datasets=datasets)
     if edge:
@@ -405,8 +410,7 @@ def paired_table(coll: Collection, f: Findings, name: str) -> Table | None:
         if p.bootstrap and p.bootstrap.get("unavailable"):
             notes.append(f"{coll.dataset_label(p.dataset)}: bootstrap not computed: {p.bootstrap['unavailable']}")
     title = "Few-shot: every model against the best, on the same episodes (p values conditional on the test pool)"
-    if _suffix(name, "fewshot"):
-        title += " " + _suffix(name, "fewshot")
+    title += _variant_title(coll, name)
     return Table(slug="table_paired_" + slugify(name), title=title, corner="Dataset",
                  columns=["Model", "Accuracy (%)", "Verdict", "Difference [95% CI]", "p paired t (Holm)",
                           "p Wilcoxon (Holm)", "zeros", "Bootstrap difference [95%]"],
@@ -418,7 +422,8 @@ def across_table(coll: Collection, f: Findings, name: str) -> Table | None:
     if a is None:
         return None
     if a.result is None:
-        return Table(slug="table_ranks_" + slugify(name), title=f"Ranks across datasets: {name}", corner="Model",
+        return Table(slug="table_ranks_" + slugify(name), title=f"Ranks across datasets: {coll.table_title(name)}",
+                     corner="Model",
                      columns=["Mean rank"], rows=[], notes=[f"Not computed: {a.reason}."], marked=False, kind="stats")
     res = a.result
     grid = coll.grid(coll.transfer_tables()[name])
@@ -435,7 +440,8 @@ def across_table(coll: Collection, f: Findings, name: str) -> Table | None:
              res.statement]
     if a.excluded_models:
         notes.append("Left out (no result on every dataset): " + ", ".join(map(coll.model_label, a.excluded_models)))
-    return Table(slug="table_ranks_" + slugify(name), title=f"Ranks across datasets: {name} (1 = best)", corner="Model",
+    return Table(slug="table_ranks_" + slugify(name), title=f"Ranks across datasets: {coll.table_title(name)} (1 = best)",
+                 corner="Model",
                  columns=["Mean rank", *[coll.dataset_label(d) for d in res.datasets]], rows=rows, notes=notes,
                  marked=False, kind="stats", column_keys=["mean_rank", *res.datasets])
 
@@ -449,7 +455,7 @@ def answer_table(coll: Collection, f: Findings) -> Table | None:
     paired = {t for t in tables if any(a.basis.startswith("paired") for a in f.answers if a.table == t)}
     columns: list[str] = []
     for t in tables:
-        title = PROTOCOL_TITLES.get(t.split(" ")[0], t) + t[len(t.split(" ")[0]):]
+        title = coll.table_title(t)
         columns.append(f"{title}: best")
         if t in paired:
             columns.append(f"{title}: not significantly different from the best")
@@ -622,7 +628,7 @@ def summary_markdown(results: list[Result], findings: Findings | None = None, re
         lines.append(to_markdown(t))
     for name, a in f.across.items():
         if a.result is None:
-            lines += [f"Ranks across datasets ({name}): not computed: {a.reason}.", ""]
+            lines += [f"Ranks across datasets ({coll.table_title(name).lower()}): not computed: {a.reason}.", ""]
     lines += ["## Weights", ""]
     for m in coll.models:
         info = coll.model_facts[m]
