@@ -159,3 +159,35 @@ def test_validate_reports_unreadable_images(tmp_path: Path) -> None:
     assert ds.summary()["total"] == 11
     unchecked = validate_dataset("folder", root, check_images=False)
     assert len(unchecked) == 12
+
+
+def test_sixteen_bit_range_is_a_dataset_option(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    assert load_dataset("folder", root).info.high_range == 65535
+    ds = load_dataset("folder", root, high_range=4095)
+    assert ds.info.high_range == 4095 and ds.options["high_range"] == 4095
+    with pytest.raises(ValueError, match="high_range=0: must be positive"):
+        load_dataset("folder", root, high_range=0)
+
+
+def test_splits_follow_record_identity_not_file_order(tmp_path: Path) -> None:
+    """The same images as a folder and as a CSV listing them in another order get the same
+    train/test split, the same carved validation and the same linear-probe result."""
+    import medxfer
+    from medxfer.testing import write_stripes_blobs
+
+    root = write_stripes_blobs(tmp_path / "imgs", n_per_class=20, size=40)
+    files = sorted(root.rglob("*.png"), reverse=True)
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{f.relative_to(root)},{f.parent.name}\n"
+                                                              for f in files))
+    folder = load_dataset("folder", root)
+    table = load_dataset("csv", root / "labels.csv")
+    assert [r.path for r in folder.records] != [r.path for r in table.records]  # another order
+    split_of = {r.path: r.split for r in folder.records}
+    assert {r.path: r.split for r in table.records} == split_of
+    model = medxfer.load_model("test-tiny", weights="random")
+    a = medxfer.evaluate("linear", medxfer.extract_features(model, folder, size=32), device="cpu")
+    b = medxfer.evaluate("linear", medxfer.extract_features(model, table, size=32), device="cpu")
+    assert a.details["splits"] == b.details["splits"] and a.metrics["C"] == b.metrics["C"]
+    assert a.metrics["accuracy"] == b.metrics["accuracy"]
+    assert a.details["val_curve"] == pytest.approx(b.details["val_curve"], abs=1e-9)

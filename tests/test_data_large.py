@@ -30,7 +30,7 @@ def _patients_disjoint(ds) -> None:
 # --- CheXpert -------------------------------------------------------------------------------
 
 def _totals(ds) -> dict[str, int]:
-    c = Counter(ds.info.class_names[r.label] for r in ds.records if r.split != "val")
+    c = Counter(ds.info.class_names[r.label] for r in ds.records if "/valid/" not in r.path)  # train.csv images
     return dict(c)
 
 
@@ -39,7 +39,7 @@ def test_chexpert_layout_and_default_split(synth) -> None:
     assert root.name == "CheXpert-v1.0-small"
     header = next(csv.reader(open(root / "train.csv")))
     assert header[:5] == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] and header[15] == "Pleural Effusion"
-    ds = validate_dataset("chexpert", root, progress=False)
+    ds = validate_dataset("chexpert", root, valid="val", progress=False)
     # train.csv: 6 images per class under u_ones; valid.csv: 2 per class in the val split
     assert _totals(ds) == {"no pleural effusion": 6, "pleural effusion": 6}
     assert ds.counts()["val"] == {"no pleural effusion": 2, "pleural effusion": 2}
@@ -49,7 +49,24 @@ def test_chexpert_layout_and_default_split(synth) -> None:
     info = ds.info
     assert info.in_domain and info.fewshot_pool == 10001 and info.expected_images == 224316
     # the parent folder (where the zip was unpacked) works too
-    assert load_dataset("chexpert", root.parent).records == ds.records
+    assert load_dataset("chexpert", root.parent, valid="val").records == ds.records
+
+
+def test_chexpert_validation_is_carved_from_training_patients_by_default(synth) -> None:
+    """The paper's protocol: validation is a seeded patient-level part of train.csv, not the
+    234-image valid.csv; valid=val keeps valid.csv as validation, valid=test makes it the test set."""
+    root = synth("chexpert")
+    carved = load_dataset("chexpert", root)
+    n_valid_csv = len(load_dataset("chexpert", root, valid="val").records) - len(carved.records)
+    assert n_valid_csv == 4 and not any("valid/" in r.path for r in carved.records)
+    assert {r.split for r in carved.records} == {"train", "val", "test"}
+    _patients_disjoint(carved)
+    val_patients = {r.patient for r in carved.records if r.split == "val"}
+    assert val_patients and not val_patients & {r.patient for r in carved.records if r.split != "val"}
+    assert load_dataset("chexpert", root).records == carved.records  # seeded
+    as_test = load_dataset("chexpert", root, valid="test")
+    assert all(("valid/" in r.path) == (r.split == "test") for r in as_test.records)
+    assert {r.split for r in as_test.records} == {"train", "val", "test"}
 
 
 @pytest.mark.parametrize("policy,expected", [
@@ -65,10 +82,10 @@ def test_chexpert_uncertain_policies(synth, policy: str, expected: dict[str, int
 
 def test_chexpert_views_and_pairs(synth) -> None:
     root = synth("chexpert")
-    frontal = load_dataset("chexpert", root, views="frontal", valid=False)
+    frontal = load_dataset("chexpert", root, views="frontal")
     assert _totals(frontal) == {"no pleural effusion": 4, "pleural effusion": 4}
     assert all(r.view == "frontal" for r in frontal.records) and frontal.pairs == []
-    lateral = load_dataset("chexpert", root, views="lateral", valid=False)
+    lateral = load_dataset("chexpert", root, views="lateral")
     assert len(lateral) == 4
     ds = load_dataset("chexpert", root)
     assert len(ds.pairs) == 4
@@ -109,7 +126,7 @@ def test_chexpert_bad_rows(synth, tmp_path: Path) -> None:
     assert "train.csv:5: image file not found" in msg
     assert "train.csv:6: path" in msg and "escapes the dataset folder" in msg
     ds = load_dataset("chexpert", root, skip_bad=True)
-    assert len(ds) == 16 - 3
+    assert len(ds) == 12 - 3  # train.csv's 12 images (valid.csv is not read by default)
     (root / "train.csv").write_text("Path,Sex,Age\n")
     with pytest.raises(DatasetError, match="missing column"):
         load_dataset("chexpert", root)

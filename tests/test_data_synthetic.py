@@ -12,6 +12,7 @@ from medxfer.data import load_dataset
 from medxfer.data.images import open_image
 from medxfer.data.synthetic import WRITERS, write_synthetic
 from medxfer.data.synthetic_images import synthetic_image
+from medxfer.testing import write_stripes_blobs
 
 OFFICIAL = ["bach", "chestx-ray14", "chexpert", "eyepacs", "ichallenge-amd", "ichallenge-pm", "montgomery",
             "shenzhen"]
@@ -69,3 +70,36 @@ def test_random_cnn_features_separate_synthetic_classes(tmp_path: Path, name: st
     y = np.array(ds.labels)
     acc = _loo_nearest_centroid(_features([r.path for r in ds.records]), y)
     assert acc >= chance + 0.3, f"nearest-centroid accuracy {acc:.2f} on random features (chance {chance})"
+
+
+def test_synthetic_data_says_so_in_its_info_results_and_summary(tmp_path: Path) -> None:
+    from medxfer.config import DatasetArg, RunSpec
+    from medxfer.data import load_dataset
+    from medxfer.pipeline import run
+
+    root = write_synthetic("shenzhen", tmp_path / "shenzhen", n_per_class=12, size=48)
+    assert load_dataset("shenzhen", root).info.synthetic
+    outcome = run(RunSpec(models=("test-tiny",), datasets=(DatasetArg("shenzhen", "shenzhen", str(root)),),
+                          weights="random", image_size=32, out=str(tmp_path / "out"),
+                          protocol_params={"fewshot": {"n_shot": 4, "n_query": 4, "episodes": 10}}), progress=False)
+    assert outcome.results[0].dataset_info.synthetic is True
+    assert "SYNTHETIC DATA" in outcome.summary
+    real = write_stripes_blobs(tmp_path / "real", n_per_class=4, size=32)
+    assert load_dataset("folder", real).info.synthetic  # the toy sets say so too
+    (real / "MEDXFER_SYNTHETIC.txt").unlink()
+    assert not load_dataset("folder", real).info.synthetic
+
+
+def test_signal_controls_how_separable_the_classes_are(tmp_path: Path) -> None:
+    """The demo's synthetic classes overlap (signal < 1): harder than the test sets, not at ceiling."""
+    import medxfer
+
+    model = medxfer.load_model("test-tiny", weights="random")
+    acc = {}
+    for signal in (1.0, 0.3):
+        root = write_synthetic("ichallenge-amd", tmp_path / str(signal), n_per_class=30, size=64, signal=signal)
+        feats = medxfer.extract_features(model, medxfer.load_dataset("ichallenge-amd", root), size=64)
+        acc[signal] = medxfer.evaluate("fewshot", feats, n_shot=10, n_query=10, episodes=200).headline.value
+    assert acc[1.0] > acc[0.3] + 10
+    with pytest.raises(ValueError, match="signal"):
+        write_synthetic("bach", tmp_path / "x", signal=0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,33 @@ def test_finetune_shows_progress(model, capfd) -> None:
 def test_cuda_mixed_precision_run(model) -> None:
     res = medxfer.finetune(model, tiny_prepared(), seed=0, device="cuda", **FAST)
     assert res.details["amp"] and res.details["device"].startswith("cuda")
+
+
+def test_training_crops_come_from_whole_images_not_the_padding() -> None:
+    """With a whole-image store every RandomResizedCrop lies inside the image's own extent."""
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.zeros(4, 3, 60, 90, dtype=torch.uint8)
+    extents = np.array([[40, 90], [60, 30], [20, 20], [60, 90]])
+    for i, (h, w) in enumerate(extents):
+        canvas[i, :, :h, :w] = 200
+    for _ in range(20):
+        out = ft.augment(canvas, 24, g, extents=extents)
+        assert out.shape == (4, 3, 24, 24) and int(out.min()) >= 150  # never the zero padding
+
+
+def test_pipeline_finetunes_from_the_whole_image_store(tmp_path) -> None:
+    from medxfer.config import DatasetArg, RunSpec
+    from medxfer.pipeline import run
+    from medxfer.testing import write_stripes_blobs
+
+    data = write_stripes_blobs(tmp_path / "data", n_per_class=16, size=48)
+    spec = RunSpec(models=("test-tiny",), datasets=(DatasetArg.parse(f"toy=folder:{data}"),), protocols=("finetune",),
+                   weights="random", image_size=32, out=str(tmp_path / "out"),
+                   protocol_params={"finetune": {**{k: v for k, v in FAST.items() if k != "eval_batch_size"},
+                                                 "max_steps": 4, "train_size": 40}})
+    r = run(spec, progress=False).results[0]
+    assert r.details["train_crops_from"].startswith("whole images, shorter side 40")
+    assert "prepared:40:keep" in r.inputs and not any("evaluation crops" in w for w in r.warnings)
+    direct = medxfer.finetune(medxfer.load_model("test-tiny", weights="random"), tiny_prepared(), device="cpu",
+                              **{**FAST, "max_steps": 4})
+    assert any("evaluation crops" in w for w in direct.warnings)  # said so when there is no training store

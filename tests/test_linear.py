@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -264,3 +265,39 @@ def test_the_run_device_reaches_the_solver_and_stays_out_of_run_keys() -> None:
         SOLVERS.unregister("recording")
     assert seen == ["cpu", "cuda:7"]
     assert "device" not in PROTOCOLS.get("linear").make_params({"device": "cpu"}).key()
+
+
+def test_paper_compat_fits_binary_tasks_as_two_class_multinomial() -> None:
+    """The authors' scikit-learn fitted a 2-class softmax; installed scikit-learn fits a binomial
+    model, whose C means twice as much. With binary_as_multinomial the two agree."""
+    from medxfer.protocols.linear import SOLVERS
+
+    x, y = blobs(240, 10, 2, seed=21, sep=0.5)
+    lambdas = np.array([1.0, 10.0, 100.0])
+    params = PROTOCOLS.get("linear").make_params({"tol": 1e-10, "max_iter": 5000}, compat="paper")
+    assert params.binary_as_multinomial
+    sk = SOLVERS.get("sklearn-lbfgs")
+    args = (x[:160], y[:160], x[160:], x, y, x[160:], lambdas, 2)
+    compat = sk(*args, replace(params, warm_start_order="none"), "cpu")
+    plain = sk(*args, replace(params, warm_start_order="none", binary_as_multinomial=False), "cpu")
+    ours = fit_path(x[:160], y[:160], lambdas, tol=1e-10, max_iter=5000, dtype=torch.float64, device="cpu")
+    ref = ours.predict_proba(x[160:])
+    np.testing.assert_allclose(compat.val_proba, ref, atol=2e-4)  # float32 features in scikit-learn
+    assert np.abs(plain.val_proba - ref).max() > 0.01  # the binomial model at C is another model
+    assert "2C" in compat.info["note"]
+
+
+def test_many_shot_results_carry_test_size_bootstrap_interval_and_grid_edge_flag() -> None:
+    fs = feature_set(n=400)
+    res = run_linear(fs, seed=0, bootstrap=200)
+    m = res.metrics
+    assert m["test_n"] == len(fs.split_indices("test"))
+    assert m["ci95_low"] <= m["headline"] <= m["ci95_high"]
+    assert res.headline.ci95 == pytest.approx((m["ci95_high"] - m["ci95_low"]) / 2)
+    assert res.details["bootstrap"]["unit"] == "image" and res.details["bootstrap"]["replicates"] == 200
+    assert run_linear(fs, seed=0, bootstrap=200).metrics == m  # seeded
+    edge = run_linear(fs, seed=0, grid_min=2.0, grid_max=5.0, grid_size=4, bootstrap=0)  # only strong penalties
+    assert edge.details["c_at_grid_edge"] is (edge.details["chosen_index"] in (0, 3))
+    if edge.details["c_at_grid_edge"]:
+        assert any("edge of the grid" in w for w in edge.warnings)
+    assert "ci95_low" not in edge.metrics and edge.headline.ci95 is None

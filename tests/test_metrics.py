@@ -82,3 +82,27 @@ def test_classification_metrics_headline_and_warning() -> None:
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         M.accuracy([0, 1], [0])
+
+
+def test_bootstrap_interval_is_seeded_resamples_patients_and_covers_the_value() -> None:
+    from medxfer.protocols.metrics import bootstrap_interval, test_report
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    proba = np.stack([1 - y, y], 1) * 0.3 + rng.random((400, 2)) * 0.7  # about 80% right
+    acc = 100.0 * np.mean(proba.argmax(1) == y)
+    lo, hi, used = bootstrap_interval(y, proba, "accuracy", n_boot=400, seed=3)
+    assert lo < acc < hi and used == 400 and 2.0 < hi - lo < 12.0
+    assert bootstrap_interval(y, proba, "accuracy", n_boot=400, seed=3) == (lo, hi, used)
+    assert bootstrap_interval(y, proba, "accuracy", n_boot=400, seed=4) != (lo, hi, used)
+    # twenty images per patient that share their outcome: resampling patients widens the interval
+    patients = np.repeat(np.arange(20), 20)
+    correct = rng.random(20) < 0.85
+    pred = np.where(np.repeat(correct, 20), y, 1 - y)
+    clustered = np.eye(2)[pred]
+    plo, phi, _ = bootstrap_interval(y, clustered, "accuracy", groups=list(patients), n_boot=400, seed=3)
+    ilo, ihi, _ = bootstrap_interval(y, clustered, "accuracy", n_boot=400, seed=3)
+    assert (phi - plo) > 2 * (ihi - ilo)
+    metrics, half, details, _ = test_report(y, proba, "auroc", n_boot=200, seed=0)
+    assert metrics["test_n"] == 400 and half == pytest.approx((metrics["ci95_high"] - metrics["ci95_low"]) / 2)
+    assert metrics["ci95_low"] < metrics["auroc"] < metrics["ci95_high"] and details["unit"] == "image"

@@ -1,9 +1,12 @@
 """Per-model input normalisation on prepared uint8 crops (batched, on the input's device)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medxfer.models import MODELS, load_model
 from medxfer.models.normalize import (
@@ -75,6 +78,42 @@ def test_covidprognosis_variant_matches_numpy(seed: int) -> None:
                                _covidprognosis_reference(np.full((4, 4), 9.0)), atol=1e-4)
 
 
+def test_covidprognosis_uses_one_histogram_over_all_channels() -> None:
+    """A colour image is equalised with one histogram of all its pixels (their code flattens
+    the whole image), not channel by channel."""
+    x = _images(5, (1, 3, 16, 16))
+    x[0, 0] //= 4  # a dark red channel: per-channel equalisation would brighten it
+    out = histogram_equalize_covidprognosis(x)[0].numpy()
+    ref = _covidprognosis_reference(x[0].numpy().astype(np.float64))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-3)
+    assert out[0].mean() < out[1].mean() - 20  # the dark channel stays dark
+
+
+def _real_crops(shared: Path) -> list[np.ndarray]:
+    from medxfer.prepare import decode_record
+
+    files = [sorted((shared / "eyepacs-sample" / "sample").glob("*.jpeg"))[0],
+             sorted((shared / "ichallenge-pm" / "PALM-Training400").glob("*.jpg"))[0],
+             sorted((shared / "bach-sample" / "dataset" / "normal_jpg").glob("*.jpeg"))[0]]
+    crops = [decode_record(str(f), 224, "aspect", 3) for f in files]
+    grey = np.asarray(Image.open(files[1]).convert("L").resize((224, 224)), dtype=np.uint8)[:, :, None]
+    return crops + [grey]
+
+
+def test_covidprognosis_matches_their_numpy_function_on_real_images(shared_data: Path) -> None:
+    """Colour (EyePACS, iChallenge-PM, BACH) and greyscale crops: within 0.01 grey levels of an
+    independent numpy transcription of CovidPrognosis's HistogramNormalize."""
+    for crop in _real_crops(shared_data):
+        x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None]
+        out = histogram_equalize_covidprognosis(x)[0].numpy()
+        ref = _covidprognosis_reference(crop.transpose(2, 0, 1).astype(np.float64))
+        if crop.shape[2] == 1:
+            ref = np.repeat(ref, 3, axis=0)
+        assert np.abs(out - ref).max() < 0.01
+        textbook = histogram_equalize(x)[0].numpy()
+        assert np.abs(textbook - out).mean() > 1.0  # the formula the zoo used before differs
+
+
 def test_simclr_is_unnormalised_and_imagenet_is_mean_std() -> None:
     x = _images(3, (2, 3, 8, 8))
     simclr = load_model("simclr-v1", "random")
@@ -90,7 +129,8 @@ def test_simclr_is_unnormalised_and_imagenet_is_mean_std() -> None:
 def test_every_spec_names_a_registered_normalisation() -> None:
     for name, spec in MODELS.items():
         assert spec.normalization in NORMALIZATIONS, name
-    assert all(MODELS.get(f"mimic-chexpert-lr{lr}").normalization == "histeq" for lr in ("0.01", "0.1", "1.0"))
+    assert all(MODELS.get(f"mimic-chexpert-lr{lr}").normalization == "histeq-covidprognosis"
+               for lr in ("0.01", "0.1", "1.0"))
     assert MODELS.get("simclr-v1").normalization == "none"
 
 

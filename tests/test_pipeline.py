@@ -314,3 +314,55 @@ def test_cli_run_with_a_custom_checkpoint(tmp_path, capsys):
     for k, v in net.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_paper_preset_is_the_papers_grid(tmp_path, monkeypatch):
+    """Few-shot on all 8 datasets; linear and finetune on CheXpert and EyePACS only, without the
+    domain-specific models on EyePACS; finetune batch 16 for the DenseNet-121 models."""
+    from collections import Counter
+
+    from medxfer.grid import build_cells
+    from medxfer.presets import load_preset
+
+    monkeypatch.setenv("MEDXFER_DATA", str(tmp_path))
+    spec = RunSpec.from_dict(load_preset("paper"), where="preset paper")
+    cells = build_cells(spec)
+    per_protocol = Counter(c.protocol for c in cells)
+    assert per_protocol == {"fewshot": 13 * 8, "linear": 13 + 8, "finetune": 13 + 8}
+    many = [c for c in cells if c.protocol != "fewshot"]
+    assert {c.dataset.label for c in many} == {"chexpert", "eyepacs"}
+    assert not [c for c in many if c.dataset.label == "eyepacs" and c.model.startswith(("mimic", "moco-cxr"))]
+    batch = {c.model: c.params.get("batch_size", 64) for c in many if c.protocol == "finetune"}
+    assert {m for m, b in batch.items() if b == 16} == {"supervised-d121", "mimic-chexpert-lr0.01",
+                                                        "mimic-chexpert-lr0.1", "mimic-chexpert-lr1.0", "moco-cxr-d121"}
+    assert all(not c.variant for c in many)  # one table per protocol, as the paper's Table 4
+
+
+def test_grid_blocks_and_overrides_are_checked(tmp_path):
+    from medxfer.errors import SpecError
+    from medxfer.grid import build_cells
+
+    data = _write_folder(tmp_path / "data", n_per_class=4)
+    with pytest.raises(SpecError, match=r"blocks\[0\].datasets: 'nope' is not one of this run's datasets"):
+        build_cells(_spec(tmp_path, data, blocks=({"datasets": ["nope"]},)))
+    with pytest.raises(SpecError, match=r"overrides\[0\]: expected a mapping with keys"):
+        _spec(tmp_path, data, overrides=({"modles": ["test-tiny"]},))
+
+
+def test_compat_paper_squashes_the_small_datasets_for_few_shot(tmp_path):
+    data = _write_folder(tmp_path / "data", n_per_class=12)
+    spec = _spec(tmp_path, data, compat="paper",
+                 protocol_params={"fewshot": {"n_shot": 4, "n_query": 4, "episodes": 20}})
+    r = run(spec, progress=False).results[0]
+    assert r.variant["compat"] == "paper" and r.params["paper_squash"] is True
+    assert "features:pooled:squash" in r.inputs and "prepared:32:squash" in r.inputs
+
+
+def test_ichallenge_pm_few_shot_pool_is_the_400_training_images(shared_data, tmp_path):
+    ds = medxfer.load_dataset("ichallenge-pm", shared_data / "ichallenge-pm")
+    assert len(ds) == 800
+    feats = medxfer.extract_features(medxfer.load_model("test-tiny", weights="random"), ds, size=32)
+    paper = medxfer.evaluate("fewshot", feats, episodes=20)
+    assert paper.details["pool_images"] == 400 and paper.params["pool_splits"] == ["train"]
+    everything = medxfer.evaluate("fewshot", feats, episodes=20, pool_splits=None)
+    assert everything.details["pool_images"] == 800

@@ -31,7 +31,8 @@ def reference(path: str, size: int, resize: str) -> np.ndarray:
     img.load()
     img = img.convert("RGB")
     side = size if resize == "aspect" else (round(size * 257 / 224),) * 2
-    img = CenterCrop(size)(Resize(side, interpolation=InterpolationMode.BICUBIC)(img))
+    mode = InterpolationMode.BICUBIC if resize == "aspect" else InterpolationMode.BILINEAR  # the authors' squash
+    img = CenterCrop(size)(Resize(side, interpolation=mode)(img))
     return np.asarray(img)
 
 
@@ -80,7 +81,27 @@ def test_sixteen_bit_png_is_greyscale(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(path)
     ds = Dataset(DatasetInfo("x", "binary", ("a", "b")), [Record(str(path), 0)], str(tmp_path))
     p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
-    assert p.channels == 1 and p.array.max() > 200
+    assert p.channels == 1 and p.array.max() > 200  # random values over the full 16-bit range
+
+
+def test_sixteen_bit_images_share_one_scale(tmp_path: Path) -> None:
+    """Two 16-bit images with the same raw values but different maxima: a raw value gives the
+    same grey level in both (the format's range, not each image's own maximum)."""
+    a = np.full((40, 40), 1000, np.uint16)
+    b = a.copy()
+    a[0, 0], b[0, 0] = 2000, 60000
+    recs = []
+    for name, arr in (("a", a), ("b", b)):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+        recs.append(Record(str(tmp_path / f"{name}.png"), 0))
+    ds = Dataset(DatasetInfo("x", "binary", ("a", "b")), recs, str(tmp_path))
+    p = prepare(ds, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert p.array[0, 8, 8, 0] == p.array[1, 8, 8, 0] == round(1000 * 255 / 65535)
+    from dataclasses import replace
+
+    twelve = Dataset(replace(ds.info, high_range=4095), recs, str(tmp_path))
+    q = prepare(twelve, size=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert q.key != p.key and q.array[0, 8, 8, 0] == q.array[1, 8, 8, 0] == round(1000 * 255 / 4095)
 
 
 def test_large_jpeg_reduced_decoding_close_to_full(tmp_path: Path) -> None:
@@ -249,3 +270,20 @@ def test_real_eyepacs_jpegs(shared_data: Path, tmp_path: Path) -> None:
     assert p.array.shape == (3, 224, 224, 3)
     full = reference(str(files[0]), 224, "aspect").astype(np.int16)
     assert np.abs(p.array[0].astype(np.int16) - full).mean() < 3.0  # draft decode ~ full decode
+
+
+def test_keep_store_holds_whole_images_with_their_extents(tmp_path: Path) -> None:
+    """The finetuning store: the whole image, shorter side to the size (never enlarged), aspect
+    preserved, top-left in a canvas; extents say where each image ends."""
+    ds = make_dataset(tmp_path / "imgs", n=3, sizes=[(80, 40), (40, 100), (20, 20)])
+    p = prepare(ds, size=32, resize="keep", cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert p.extents.tolist() == [[32, 64], [80, 32], [20, 20]]  # (height, width); the small one not enlarged
+    assert p.array.shape[1:3] == (81, 65)
+    for i, r in enumerate(ds.records):
+        h, w = p.extents[i]
+        ref = np.asarray(Image.open(r.path).convert("RGB").resize((w, h), Image.BICUBIC)) if i < 2 else \
+            np.asarray(Image.open(r.path).convert("RGB"))
+        np.testing.assert_array_equal(p.array[i, :h, :w], ref)
+        assert p.array[i, h:].max(initial=0) == 0 and p.array[i, :, w:].max(initial=0) == 0
+    again = prepare(ds, size=32, resize="keep", cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert not again.built and again.extents.tolist() == p.extents.tolist()

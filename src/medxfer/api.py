@@ -51,9 +51,12 @@ def evaluate(protocol: str, features: FeatureSet, *, seed: int = 0, compat: str 
 
 
 def finetune(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device: str | None = None,
-             workdir: str | os.PathLike[str] | None = None, compat: str | None = None, **params: Any) -> EvalResult:
+             workdir: str | os.PathLike[str] | None = None, compat: str | None = None,
+             train_prepared: PreparedImages | None = None, **params: Any) -> EvalResult:
     """Finetune a copy of ``model`` on prepared images (train/val/test splits of its records);
-    with ``workdir`` a killed finetune resumes from its last checkpoint."""
+    with ``workdir`` a killed finetune resumes from its last checkpoint. ``train_prepared``:
+    the same dataset prepared whole for the training crops (``prepare(ds, size=320,
+    resize="keep")``, what ``medxfer run`` uses); without it they come from ``prepared``."""
     from medxfer.cell import DirectContext
     from medxfer.devices import resolve_device
     from medxfer.protocols import PROTOCOLS
@@ -61,7 +64,7 @@ def finetune(model: Backbone, prepared: PreparedImages, *, seed: int = 0, device
     proto = PROTOCOLS.get("finetune")
     p = proto.make_params(params, compat, prepared.info)
     ctx = DirectContext(given_model=model, given_prepared=prepared, device=resolve_device(device),
-                        given_workdir=Path(workdir) if workdir is not None else None)
+                        given_workdir=Path(workdir) if workdir is not None else None, given_train=train_prepared)
     return proto.run(ctx, p, seed)
 
 

@@ -195,6 +195,7 @@ class Partial:
     notes: dict[str, str]
     checkpoint_every: int
     on_progress: Callable[[int, int], None] | None = None
+    rows: np.ndarray | None = None  # per-row integer attributes (N x k int32), e.g. image extents
     _since_flush: int = 0
 
     @property
@@ -217,6 +218,8 @@ class Partial:
         if isinstance(self.array, np.memmap):
             self.array.flush()
         write_json_atomic(self.artifact.notes_path, self.notes)
+        if self.rows is not None:
+            save_npy_atomic(self.artifact.rows_path, self.rows)
         save_npy_atomic(self.artifact.state_path, self.state)
         self._since_flush = 0
 
@@ -243,6 +246,10 @@ class ResumableArray:
     @property
     def notes_path(self) -> Path:
         return self.folder / "notes.json"
+
+    @property
+    def rows_path(self) -> Path:
+        return self.folder / "rows.npy"
 
     @property
     def marker_path(self) -> Path:
@@ -297,6 +304,9 @@ class ResumableArray:
                 return f"{self.array_path.name} does not match its SHA-256 (modified or zero-filled?)"
         elif sample_sha256(self.array_path, st.st_size) != m["sample_sha256"]:
             return f"{self.array_path.name} does not match its sampled SHA-256 (modified or zero-filled?)"
+        if m.get("rows_sha256") is not None and (not self.rows_path.is_file()
+                                                 or file_sha256(self.rows_path) != m["rows_sha256"]):
+            return f"{self.rows_path.name} is missing or does not match its SHA-256"
         _VERIFIED[memo] = True
         return None
 
@@ -319,11 +329,14 @@ class ResumableArray:
             del array
             self.discard()
             return None
-        return array, dict(m["meta"])
+        meta = dict(m["meta"])
+        if m.get("rows_sha256") is not None:
+            meta["rows"] = np.load(self.rows_path)
+        return array, meta
 
     def discard(self) -> None:
         """Remove the marker and the data (the lock file stays)."""
-        for p in (self.marker_path, self.array_path, self.state_path, self.notes_path):
+        for p in (self.marker_path, self.array_path, self.state_path, self.notes_path, self.rows_path):
             p.unlink(missing_ok=True)
 
     def get_or_build(self, build: Callable[[ResumableArray], dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any], bool]:
@@ -344,30 +357,36 @@ class ResumableArray:
         return loaded[0], loaded[1], True
 
     def start(self, shape: tuple[int, ...], dtype: Any, *, checkpoint_every: int,
-              on_progress: Callable[[int, int], None] | None = None) -> Partial:
-        """Open the partial build (resuming a compatible one) or preallocate a new one. Call
-        under the lock (inside :meth:`get_or_build`)."""
+              on_progress: Callable[[int, int], None] | None = None, row_fields: int = 0) -> Partial:
+        """Open the partial build (resuming a compatible one) or preallocate a new one, with
+        ``row_fields`` integer attributes per row (``Partial.rows``). Call under the lock
+        (inside :meth:`get_or_build`)."""
         dtype = np.dtype(dtype)
         if self.array_path.is_file() and self.state_path.is_file():
             try:
                 array = np.load(self.array_path, mmap_mode="r+")
                 state = np.load(self.state_path).astype(np.int8)
                 notes = json.loads(self.notes_path.read_text()) if self.notes_path.is_file() else {}
-                if array.shape == tuple(shape) and array.dtype == dtype and state.shape == (shape[0],):
+                rows = np.load(self.rows_path) if row_fields else None
+                if array.shape == tuple(shape) and array.dtype == dtype and state.shape == (shape[0],) and \
+                        (rows is None or rows.shape == (shape[0], row_fields)):
                     failed = {str(i) for i in np.flatnonzero(state == STATE_FAILED)}
                     done = int((state != STATE_TODO).sum())
                     if done:
                         log.info("%s: resuming, %d of %d rows left", self.what, shape[0] - done, shape[0])
                     return Partial(self, array, state, {k: v for k, v in notes.items() if k in failed},
-                                   checkpoint_every, on_progress)
+                                   checkpoint_every, on_progress, rows)
                 log.warning("%s: partial build has another shape; starting again", self.what)
             except (OSError, ValueError) as exc:
                 log.warning("%s: unreadable partial build (%s); starting again", self.what, exc)
         self.discard()
         array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=tuple(shape))
         state = np.zeros(shape[0], dtype=np.int8)
+        rows = np.zeros((shape[0], row_fields), dtype=np.int32) if row_fields else None
+        if rows is not None:
+            save_npy_atomic(self.rows_path, rows)
         save_npy_atomic(self.state_path, state)
-        return Partial(self, array, state, {}, checkpoint_every, on_progress)
+        return Partial(self, array, state, {}, checkpoint_every, on_progress, rows)
 
     def finish(self, part: Partial, meta: dict[str, Any]) -> None:
         """Flush, check every row is done or failed, and write the marker (size + SHA-256)."""
@@ -384,6 +403,7 @@ class ResumableArray:
         size = self.array_path.stat().st_size
         marker = {"meta": meta, "shape": shape, "dtype": dtype, "size": size,
                   "sha256": file_sha256(self.array_path), "sample_sha256": sample_sha256(self.array_path, size),
+                  "rows_sha256": file_sha256(self.rows_path) if part.rows is not None else None,
                   "created": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
         write_json_atomic(self.marker_path, marker)
         self.state_path.unlink(missing_ok=True)

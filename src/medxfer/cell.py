@@ -109,9 +109,14 @@ class Context:
         raise UsageError("this protocol needs prepared images: call medxfer.finetune(model, prepared, ...) "
                          "or run it through medxfer.run")
 
-    def features(self, layer: str = POOLED) -> FeatureSet:
+    def features(self, layer: str = POOLED, resize: str | None = None) -> FeatureSet:
         raise UsageError("this protocol needs extracted features: call medxfer.evaluate(protocol, features) "
                          "or run it through medxfer.run")
+
+    def training_store(self, size: int) -> PreparedImages | None:
+        """The records prepared whole (shorter side ``size``, never enlarged) for training crops,
+        or None where there is none (training then crops the evaluation images)."""
+        return None
 
     def workdir(self) -> Path | None:
         """A folder for resumable work (checkpoints), or None (nothing is kept)."""
@@ -138,6 +143,7 @@ class DirectContext(Context):
     precision: str = "fp32"
     given_workdir: Path | None = None
     given_cache: Path | None = None
+    given_train: PreparedImages | None = None
 
     @property
     def info(self) -> DatasetInfo | None:
@@ -161,8 +167,11 @@ class DirectContext(Context):
             raise UsageError(f"prepared images are {self.given_prepared.size}px; this protocol asks for {size}px")
         return self.given_prepared
 
-    def features(self, layer: str = POOLED) -> FeatureSet:
+    def features(self, layer: str = POOLED, resize: str | None = None) -> FeatureSet:
         if self.given_features is not None and layer == POOLED:
+            if resize not in (None, "aspect"):
+                raise UsageError(f"these features were made with one transform; the protocol asks for {resize!r} "
+                                 "(run it through medxfer.run, which prepares that transform)")
             return self.given_features
         if self.given_model is not None and self.given_prepared is not None:
             from medxfer.extract import extract_features
@@ -173,6 +182,9 @@ class DirectContext(Context):
 
     def workdir(self) -> Path | None:
         return self.given_workdir
+
+    def training_store(self, size: int) -> PreparedImages | None:
+        return self.given_train
 
     @property
     def cache_dir(self) -> Path:
@@ -212,10 +224,11 @@ class CellContext(Context):
         self._record(name, p.key, p.path, p.built, seconds, "prepare_s")
         return p
 
-    def features(self, layer: str = POOLED) -> FeatureSet:
-        self.prepared()
-        f, seconds = self.session.features(self.cell.model, self.cell.dataset, layer)
-        self._record(f"features:{layer}", f.key, Path(f.meta["path"]), f.built, seconds, "extract_s")
+    def features(self, layer: str = POOLED, resize: str | None = None) -> FeatureSet:
+        resize = resize or self.session.spec.resize
+        self.prepared(resize=resize)
+        f, seconds = self.session.features(self.cell.model, self.cell.dataset, layer, resize)
+        self._record(f"features:{layer}" + ("" if resize == self.session.spec.resize else f":{resize}"), f.key, Path(f.meta["path"]), f.built, seconds, "extract_s")
         return f
 
     def _record(self, name: str, key: str, folder: Path | None, built: bool, seconds: float, timing: str) -> None:
@@ -229,6 +242,11 @@ class CellContext(Context):
         self.inputs[name] = entry
         if built:  # time is counted by the cell that did the work, once
             self.timings[timing] = self.timings.get(timing, 0.0) + seconds
+
+    def training_store(self, size: int) -> PreparedImages:
+        from medxfer.prepare import KEEP
+
+        return self.prepared(size, KEEP)
 
     def workdir(self) -> Path:
         return self.session.out / "work" / self.cell.id
@@ -275,7 +293,7 @@ class Session:
         self._model: tuple[str, Backbone] | None = None
         self._datasets: dict[str, Dataset] = {}
         self._prepared: dict[tuple[str, int, str], tuple[PreparedImages, float]] = {}
-        self._features: dict[tuple[str, str, str], tuple[FeatureSet, float]] = {}
+        self._features: dict[tuple[str, str, str, str], tuple[FeatureSet, float]] = {}
         self._claimed: set[str] = set()
 
     @property
@@ -318,14 +336,15 @@ class Session:
             self._prepared[key] = (p, time.perf_counter() - t0)
         return self._prepared[key]
 
-    def features(self, model: str, arg: DatasetArg, layer: str) -> tuple[FeatureSet, float]:
-        key = (model, arg.label, layer)
+    def features(self, model: str, arg: DatasetArg, layer: str, resize: str | None = None) -> tuple[FeatureSet, float]:
+        resize = resize or self.spec.resize
+        key = (model, arg.label, layer, resize)
         if key not in self._features:
             import numpy as np
 
             from medxfer.extract import extract_features
 
-            prepared, _ = self.prepared(arg, self.spec.image_size, self.spec.resize)
+            prepared, _ = self.prepared(arg, self.spec.image_size, resize)
             t0 = time.perf_counter()
             f = extract_features(self.model(model), prepared, cache_dir=self.cache_dir, layer=layer,
                                  batch_size=self.spec.batch_size, device=self.device, precision=self.spec.precision)

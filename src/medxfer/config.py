@@ -16,6 +16,8 @@ from medxfer.typed import coerce, type_name
 GENERIC_KINDS = ("folder", "csv", "medmnist")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MIN_IMAGE_SIZE = 32  # five stride-2 stages of a ResNet need at least this much
+BLOCK_KEYS = frozenset({"models", "datasets", "protocols"})
+OVERRIDE_KEYS = BLOCK_KEYS | {"protocol_params"}
 
 __all__ = ["DatasetArg", "RunSpec", "SpecError"]
 
@@ -78,6 +80,8 @@ class RunSpec:
     skip_bad: bool = False
     workers: int | None = None  # decoding workers; None = all cores
     executor: str = "local"  # where cells run (see medxfer.executors)
+    blocks: tuple[dict[str, Any], ...] = ()  # sub-grids {models, datasets, protocols}: cells = their union
+    overrides: tuple[dict[str, Any], ...] = ()  # {models, datasets, protocols, protocol_params}: per-cell params
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -113,6 +117,18 @@ class RunSpec:
         for proto, params in self.protocol_params.items():
             if not isinstance(params, dict):
                 raise SpecError(f"protocol_params.{proto}: expected a mapping of parameter: value")
+        for where, items, allowed in (("blocks", self.blocks, BLOCK_KEYS), ("overrides", self.overrides, OVERRIDE_KEYS)):
+            for i, item in enumerate(items):
+                unknown = sorted(set(item) - allowed) if isinstance(item, dict) else None
+                if unknown is None or unknown:
+                    raise SpecError(f"{where}[{i}]: expected a mapping with keys among {', '.join(sorted(allowed))}"
+                                    + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+                for key in allowed - {"protocol_params"}:
+                    if key in item and not (isinstance(item[key], list | tuple)
+                                            and all(isinstance(v, str) for v in item[key])):
+                        raise SpecError(f"{where}[{i}].{key}: expected a list of names")
+                if "protocol_params" in item and not isinstance(item["protocol_params"], dict):
+                    raise SpecError(f"{where}[{i}].protocol_params: expected a mapping")
         labels = [d.label for d in self.datasets]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:

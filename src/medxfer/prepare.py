@@ -2,7 +2,8 @@
 
 The evaluation transform (PROTOCOL.md): resize the shorter side to ``size`` (bicubic), centre
 crop ``size`` x ``size``; the ``"squash"`` compat mode instead resizes both sides to
-``round(size * 257 / 224)`` (aspect distorting, the authors' few-shot code) before the crop.
+``round(size * 257 / 224)`` (bilinear, aspect distorting: the authors' few-shot code for the
+small datasets) before the crop.
 Large JPEGs are decoded at reduced size (``Image.draft``), greyscale stays one channel when
 the whole dataset is greyscale. One prepared array serves every model; normalisation happens
 per model on the device.
@@ -32,7 +33,7 @@ from medxfer.cache import (
     content_key,
     resolve_cache_dir,
 )
-from medxfer.data.images import ImageReadError, image_channels, open_image
+from medxfer.data.images import SIXTEEN_BIT_RANGE, ImageReadError, image_header, open_image
 from medxfer.data.records import Dataset, DatasetInfo, Record
 from medxfer.errors import UsageError
 from medxfer.progress import bar
@@ -41,9 +42,11 @@ from medxfer.registry import Registry
 log = logging.getLogger(__name__)
 
 # Bump when decoding/resizing changes in a way that changes prepared pixels.
-DECODER_VERSION = "1"
+DECODER_VERSION = "2"  # 2: 16-bit images scaled by a fixed range, not each image's maximum
 SQUASH_REFERENCE = (257, 224)  # the authors' squash: 257 -> crop 224
 CHECKPOINT_EVERY = 512  # records decoded between flushes of the memmap and the resume state
+KEEP = "keep"  # the finetuning store: whole images, shorter side to the size, in a padded canvas
+MAX_KEEP_ASPECT = 2.5
 
 
 @dataclass
@@ -54,7 +57,9 @@ class PreparedImages:
     read-only memmap. ``key`` hashes the image files and the transform. ``info`` is the
     dataset's (class names, headline metric; None for arrays built by hand). ``bad`` lists
     record indices that could not be decoded (only with ``skip_bad``; their rows are zeros).
-    ``built`` says whether this call decoded them (False: read from the cache).
+    ``built`` says whether this call decoded them (False: read from the cache). The ``keep``
+    store (finetuning crops) holds whole images top-left in a padded canvas; ``extents`` gives
+    each row's (height, width) there (None for the square evaluation crops).
     """
 
     array: np.ndarray
@@ -66,6 +71,7 @@ class PreparedImages:
     bad: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     built: bool = False
+    extents: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,29 +116,64 @@ def _resize_aspect(img: Image.Image, size: int) -> Image.Image:
 
 
 def _resize_squash(img: Image.Image, size: int) -> Image.Image:
-    """Both sides to ``round(size * 257 / 224)`` (bicubic), ignoring the aspect ratio."""
+    """Both sides to ``round(size * 257 / 224)``, bilinear (torchvision's default, as in the
+    authors' few-shot code), ignoring the aspect ratio."""
     side = int(round(size * SQUASH_REFERENCE[0] / SQUASH_REFERENCE[1]))
-    return img if img.size == (side, side) else img.resize((side, side), Image.BICUBIC)
+    return img if img.size == (side, side) else img.resize((side, side), Image.BILINEAR)
 
 
-RESIZES: Registry[Callable[[Image.Image, int], Image.Image]] = Registry("resize mode")
-RESIZES.register("aspect", _resize_aspect)
-RESIZES.register("squash", _resize_squash)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Centre crop ``size`` x ``size`` with torchvision's rounding of the offsets."""
+def center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Centre crop ``size`` x ``size`` (or (width, height)) with torchvision's rounding of the offsets."""
+    cw, ch = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    left = int(round((w - size) / 2.0))
-    top = int(round((h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    left = int(round((w - cw) / 2.0))
+    top = int(round((h - ch) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))
 
 
-def decode_record(path: str, size: int, resize: str, channels: int) -> np.ndarray:
-    """One image file -> S x S x C uint8 evaluation crop (raises ImageReadError)."""
-    img = open_image(path, draft_size=size)
-    img = center_crop(RESIZES.get(resize)(img, size), size)
-    arr = np.asarray(img, dtype=np.uint8)
+def keep_extent(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) of an image after :func:`_keep_whole`: shorter side ``size`` (never
+    enlarged), aspect kept up to :data:`MAX_KEEP_ASPECT` (a longer side is centre-cropped)."""
+    short = min(width, height)
+    target = min(size, short)
+    if width <= height:
+        w, h = target, int(target * height / width)
+    else:
+        w, h = int(target * width / height), target
+    cap = int(MAX_KEEP_ASPECT * target)
+    return min(w, cap), min(h, cap)
+
+
+def _keep_whole(img: Image.Image, size: int) -> Image.Image:
+    """The training store's transform: the whole image, shorter side to ``size`` (bicubic,
+    never enlarged), aspect preserved (beyond :data:`MAX_KEEP_ASPECT` the long side is cropped)."""
+    w, h = img.size
+    target = min(size, w, h)
+    resized = _resize_aspect(img, target) if target != min(w, h) else img
+    cw, ch = keep_extent(w, h, size)
+    return resized if resized.size == (cw, ch) else center_crop(resized, (cw, ch))
+
+
+def _aspect_crop(img: Image.Image, size: int) -> Image.Image:
+    return center_crop(_resize_aspect(img, size), size)
+
+
+def _squash_crop(img: Image.Image, size: int) -> Image.Image:
+    return center_crop(_resize_squash(img, size), size)
+
+
+# name -> the whole transform from a decoded image to what is stored
+RESIZES: Registry[Callable[[Image.Image, int], Image.Image]] = Registry("resize mode")
+RESIZES.register("aspect", _aspect_crop)
+RESIZES.register("squash", _squash_crop)
+RESIZES.register(KEEP, _keep_whole)
+
+
+def decode_record(path: str, size: int, resize: str, channels: int, high_range: int = SIXTEEN_BIT_RANGE) -> np.ndarray:
+    """One image file -> S x S x C uint8 evaluation crop (raises ImageReadError); 16-bit
+    greyscale is scaled by ``255 / high_range`` (see :func:`~medxfer.data.images.open_image`)."""
+    img = open_image(path, draft_size=size, high_range=high_range)
+    arr = np.asarray(RESIZES.get(resize)(img, size), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[2] != channels:
@@ -143,10 +184,11 @@ def decode_record(path: str, size: int, resize: str, channels: int) -> np.ndarra
     return arr
 
 
-def _decode_task(path: str, size: int, resize: str, channels: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_task(path: str, size: int, resize: str, channels: int,
+                 high_range: int = SIXTEEN_BIT_RANGE) -> tuple[np.ndarray | None, str | None]:
     """Worker entry point: an array, or the error message (errors travel as data)."""
     try:
-        return decode_record(path, size, resize, channels), None
+        return decode_record(path, size, resize, channels, high_range), None
     except ImageReadError as exc:
         return None, str(exc)
 
@@ -161,7 +203,8 @@ def prepared_key(dataset: Dataset, size: int = 224, resize: str = "aspect") -> s
     every header just to look the cache up would cost more than the lookup on a large dataset.
     """
     RESIZES.get(resize)
-    return content_key("prepared", dataset.files_fingerprint(), int(size), resize, DECODER_VERSION)
+    return content_key("prepared", dataset.files_fingerprint(), int(size), resize, DECODER_VERSION,
+                       dataset.info.high_range)
 
 
 def prepared_artifact(dataset: Dataset, size: int = 224, resize: str = "aspect",
@@ -186,14 +229,23 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def dataset_channels(records: Sequence[Record], workers: int = 1) -> int:
-    """1 if every image is greyscale (read from headers), else 3."""
+def _header_or_none(path: str) -> tuple[int, tuple[int, int]] | None:
+    try:
+        return image_header(path)
+    except ImageReadError:  # reported, with its record, when the image is decoded
+        return None
+
+
+def dataset_geometry(records: Sequence[Record], workers: int = 1) -> tuple[int, list[tuple[int, int]]]:
+    """(1 if every readable image is greyscale else 3, each readable image's (width, height)),
+    from the headers; unreadable ones are left to the decoding step, which names them."""
     paths = [r.path for r in records]
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            modes = pool.map(image_channels, paths, chunksize=64)
-            return 1 if all(c == 1 for c in modes) else 3
-    return 1 if all(image_channels(p) == 1 for p in paths) else 3
+            heads = [h for h in pool.map(_header_or_none, paths, chunksize=64) if h is not None]
+    else:
+        heads = [h for h in map(_header_or_none, paths) if h is not None]
+    return (1 if heads and all(c == 1 for c, _ in heads) else 3), [wh for _, wh in heads] or [(1, 1)]
 
 
 # --------------------------------------------------------------------------- prepare
@@ -231,23 +283,34 @@ def prepare(
     art = prepared_artifact(dataset, size, resize, cache_dir)
 
     def build(a: ResumableArray) -> dict[str, Any]:
-        channels = dataset_channels(dataset.records, n_workers)
-        part = a.start((n, size, size, channels), np.uint8, checkpoint_every=checkpoint_every,
-                       on_progress=on_progress)
+        channels, extent = dataset_geometry(dataset.records, n_workers)
+        keep = resize == KEEP
+        canvas = (size, size)
+        if keep:  # the largest (height, width) of a whole image after the transform, one pixel of slack
+            hw = [keep_extent(w, h, size)[::-1] for w, h in extent]
+            canvas = (max(h for h, _ in hw) + 1, max(w for _, w in hw) + 1)
+        part = a.start((n, *canvas, channels), np.uint8, checkpoint_every=checkpoint_every,
+                       on_progress=on_progress, row_fields=2 if keep else 0)
         channels = int(part.array.shape[-1])
         todo = part.todo
         t0 = time.perf_counter()
         paths = [dataset.records[i].path for i in todo]
         steps = bar(total=n, initial=n - len(todo), desc=f"prepare {dataset.info.name}", unit="img", enabled=progress)
         try:
-            for i, (img, err) in zip(todo, _decode_all(paths, size, resize, channels, n_workers, executor)):
+            decoded = _decode_all(paths, size, resize, channels, n_workers, executor, dataset.info.high_range)
+            for i, (img, err) in zip(todo, decoded):
                 if err is not None:
                     if not skip_bad:
                         raise ImageReadError(f"record {int(i)} of dataset {dataset.info.name!r}: {err}")
                     part.array[i] = 0
                     part.mark(i, STATE_FAILED, err)
                 else:
-                    part.array[i] = img
+                    h, w = min(img.shape[0], canvas[0]), min(img.shape[1], canvas[1])
+                    if keep:
+                        part.array[i, :h, :w] = img[:h, :w]
+                        part.rows[i] = (h, w)
+                    else:
+                        part.array[i] = img
                     part.mark(i, STATE_DONE)
                 steps.update(1)
         finally:
@@ -269,33 +332,35 @@ def prepare(
     array, meta, built = art.get_or_build(build)
     if not built:
         log.info("prepared %s: cached at %s", dataset.info.name, art.folder)
-    if array.shape[:3] != (n, size, size):
+    extents = meta.pop("rows", None)
+    if array.shape[0] != n or (resize != KEEP and array.shape[1:3] != (size, size)):
         raise UsageError(f"{art.folder}: cached prepared array has shape {array.shape}, "
                          f"expected {n} x {size} x {size}")
     prepared = PreparedImages(array=array, records=list(dataset.records), key=art.folder.name, path=art.folder,
-                              size=size, info=dataset.info, bad=list(meta.get("bad", [])), meta=meta, built=built)
+                              size=size, info=dataset.info, bad=list(meta.get("bad", [])), meta=meta, built=built,
+                              extents=extents)
     _check_bad(prepared, skip_bad)
     return prepared
 
 
 def _decode_all(paths: list[str], size: int, resize: str, channels: int, workers: int,
-                executor: str) -> Iterator[tuple[np.ndarray | None, str | None]]:
+                executor: str, high_range: int = SIXTEEN_BIT_RANGE) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """Decoded crops in order, computed by ``workers`` parallel workers (bounded in flight)."""
     if workers <= 1:
         for p in paths:
-            yield _decode_task(p, size, resize, channels)
+            yield _decode_task(p, size, resize, channels, high_range)
         return
     with _EXECUTORS[executor](workers) as pool:
         window = 8 * workers
         pending = []
         it = iter(paths)
         for p in it:
-            pending.append(pool.submit(_decode_task, p, size, resize, channels))
+            pending.append(pool.submit(_decode_task, p, size, resize, channels, high_range))
             if len(pending) >= window:
                 break
         for p in it:
             yield pending.pop(0).result()
-            pending.append(pool.submit(_decode_task, p, size, resize, channels))
+            pending.append(pool.submit(_decode_task, p, size, resize, channels, high_range))
         for fut in pending:
             yield fut.result()
 

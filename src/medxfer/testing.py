@@ -20,8 +20,12 @@ from medxfer.prepare import PreparedImages
 def write_stripes_blobs(root: Path, n_per_class: int = 24, size: int = 48, seed: int = 0) -> Path:
     """An image folder of two classes of greyscale PNGs: sinusoidal stripes (``normal``) vs a
     central blob (``abnormal``), with noise; easy even for random convolutional features."""
+    from medxfer.data.synthetic import SYNTHETIC_MARKER
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SYNTHETIC_MARKER).write_text("Toy images written by medxfer.testing.write_stripes_blobs: not real data.\n")
     for cls in ("normal", "abnormal"):
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):

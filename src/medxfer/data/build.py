@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from medxfer.data.common import Issues
 from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
-from medxfer.data.splits import SplitFn, assign_splits, stratified_split
+from medxfer.data.splits import SplitFn, assign_splits, identity_keys, stratified_split
 
 PairFn = Callable[[list[Record]], list[tuple[int, int]]]
 
 
-def default_split_fn(seed: int, use_patients: bool = True) -> SplitFn:
-    """Seeded stratified 80/20 train/test, patient-level when records carry patient ids."""
+def default_split_fn(seed: int | tuple[int, ...], use_patients: bool = True) -> SplitFn:
+    """Seeded stratified 80/20 train/test, patient-level when records carry patient ids; other
+    images are identified by their path (:func:`identity_keys`), never by their position."""
     def fn(records: list[Record]) -> list[str]:
         groups = [r.patient for r in records] if use_patients else None
-        return stratified_split([r.label for r in records], groups, seed=seed)
+        return stratified_split([r.label for r in records], groups, seed=seed,
+                                ids=identity_keys([r.path for r in records]))
     return fn
 
 
@@ -47,8 +50,22 @@ def finish_dataset(info: DatasetInfo, records: list[Record], root: Path, issues:
         problems.append(f"no images of class(es) {', '.join(missing)}")
     opts = dict(options)
     opts.update(split_opts)
+    if is_synthetic(root):
+        info = replace(info, synthetic=True)
     return Dataset(info=info, records=records, root=str(root.resolve()), options=opts,
                    problems=problems, pairs=pairs(records) if pairs is not None else None)
+
+
+def is_synthetic(root: Path, levels: int = 3) -> bool:
+    """Whether ``root`` (or a folder up to ``levels`` above it) holds the marker that
+    :func:`medxfer.data.synthetic.write_synthetic` leaves."""
+    from medxfer.data.synthetic import SYNTHETIC_MARKER
+
+    folder = root.resolve() if root.is_dir() else root.resolve().parent
+    for candidate in [folder, *list(folder.parents)[:levels]]:
+        if (candidate / SYNTHETIC_MARKER).is_file():
+            return True
+    return False
 
 
 def drop_records(dataset: Dataset, bad: Iterable[int], messages: Iterable[str] = ()) -> Dataset:

@@ -10,8 +10,12 @@ Option ``uncertain`` decides -1 for every protocol alike: ``"u_ones"`` (default,
 ``"u_zeros"`` (negative), ``"ignore"`` (the image is dropped; counted in ``problems``).
 Option ``views``: ``"all"`` (default), ``"frontal"`` or ``"lateral"``.
 
-Splits: ``"default"``: train.csv rows seeded stratified patient-level 80/20 train/test and
-valid.csv rows the ``val`` split (option ``valid=False`` leaves them out). ``"paper"``:
+Splits: ``"default"``: train.csv rows seeded stratified patient-level 80/20 train/test; the
+validation split follows option ``valid``: ``"carve"`` (default, as the paper and PROTOCOL.md:
+a seeded, patient-level, stratified 20% of the training patients; valid.csv is not read),
+``"val"`` (the official valid.csv, 234 radiologist-labelled images, as validation: about 3
+points of sampling error on accuracy), ``"test"`` (valid.csv as the test set, common in the
+CheXpert literature; train.csv then gives train and a carved validation only). ``"paper"``:
 train.csv only, rows permuted with seed 42 and the first 134,049 of the full file's 223,414
 rows train, the rest test (for a file of another length the same fraction; computed on the
 whole file before any filtering, so the assignment of a row never depends on the options).
@@ -58,7 +62,9 @@ class ChexpertOptions(DatasetOptions):
     uncertain: Literal["u_ones", "u_zeros", "ignore"] = setting("u_ones", help="uncertain (-1) labels: "
                                                                 "positive, negative or dropped")
     views: Literal["all", "frontal", "lateral"] = setting("all", help="which views to keep")
-    valid: bool = setting(True, help="read valid.csv as the val split")
+    valid: Literal["carve", "val", "test"] = setting(
+        "carve", help="validation carved from the training patients (carve), valid.csv as validation (val), "
+        "or valid.csv as the test set (test)")
 
 
 def _base(root: Path) -> Path:
@@ -150,12 +156,13 @@ def load_chexpert(root: Path, o: ChexpertOptions, skip_bad: bool = False) -> Dat
     paper_of_row = shuffled_split(n_rows, n_train, seed=42)
     paper_splits = [paper_of_row[p] for p in positions]
     n_from_train = len(records)
-    if valid and split != "paper":
+    if valid != "carve" and split != "paper":
         if (base / "valid.csv").is_file():
             more, _ = _read(base / "valid.csv", base, "valid", uncertain, views, issues, counters)
             records += more
         else:
-            issues.note(f"{base / 'valid.csv'} not found: no val split")
+            raise DatasetError(f"{base / 'valid.csv'} not found (needed by --dataset-option chexpert.valid={valid}; "
+                               f"the default valid=carve does not read it)")
     if counters["uncertain"]:
         action = {"u_ones": "counted positive", "u_zeros": "counted negative", "ignore": "dropped"}[uncertain]
         issues.note(f"{counters['uncertain']} image(s) with an uncertain (-1) {TARGET} label {action} "
@@ -163,13 +170,18 @@ def load_chexpert(root: Path, o: ChexpertOptions, skip_bad: bool = False) -> Dat
 
     def default(recs: list[Record]) -> list[str]:
         head = recs[:n_from_train]  # train.csv rows; the rest came from valid.csv
-        out = default_split_fn(seed)(head) if head else []
-        return out + ["val"] * (len(recs) - len(out))
+        out = default_split_fn(seed)(head) if head and valid != "test" else ["train"] * len(head)
+        if valid != "val":  # carve validation from the training patients (seeded, patient-level)
+            train = [i for i, s in enumerate(out) if s == "train"]
+            carved = default_split_fn((seed, 1))([head[i] for i in train])
+            for i, s in zip(train, carved):
+                out[i] = "val" if s == "test" else "train"
+        return out + ["test" if valid == "test" else "val"] * (len(recs) - len(out))
 
     def paper(recs: list[Record]) -> list[str]:
         return paper_splits  # valid.csv is not read in paper mode
 
-    options = {"uncertain": uncertain, "views": views, "valid": bool(valid), "seed": seed}
+    options = {"uncertain": uncertain, "views": views, "valid": valid, "seed": seed}
     return finish_dataset(INFO, records, base, issues, options, split=split, default=default, paper=paper,
                           pairs=study_pairs)
 

@@ -37,7 +37,8 @@ PM_INFO = DatasetInfo(
     in_domain=False, expected_images=400, licence="iChallenge PALM challenge terms (research use)",
     citation=("Fu H, Li F, Orlando JI, Bogunovic H, Sun X, Liao J, Xu Y, Zhang S, Zhang X. "
               "PALM: PAthoLogic Myopia Challenge. IEEE Dataport, 2019. doi:10.21227/55pk-8z03"),
-    fewshot_way=2, layout="the folder holding PALM-Training400/ (and PALM-Validation400/ + labels)")
+    fewshot_way=2, fewshot_splits=("train",),  # the paper's few-shot pool: the 400 training images
+    layout="the folder holding PALM-Training400/ (and PALM-Validation400/ + labels)")
 AMD_INFO = DatasetInfo(
     name="ichallenge-amd", display_name="iChallenge-AMD", task="binary", class_names=("Non-AMD", "AMD"), modality="fundus",
     in_domain=False, expected_images=400, licence="iChallenge ADAM challenge terms (research use)",

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from medxfer.data.records import DatasetError
 
 _NPZ_LOCK = threading.Lock()
+SIXTEEN_BIT_RANGE = 65535  # 16-bit greyscale is scaled by 255 / range, the same for every image
 
 
 class ImageReadError(DatasetError):
@@ -39,12 +40,15 @@ def _npz_array(file: str, key: str) -> np.ndarray:
         return z[key]
 
 
-def open_image(path: str, draft_size: int | None = None) -> Image.Image:
+def open_image(path: str, draft_size: int | None = None, high_range: int = SIXTEEN_BIT_RANGE) -> Image.Image:
     """Decode ``path`` fully into a PIL image (mode L or RGB).
 
     ``draft_size``: for JPEGs, let the decoder downscale by a power of two while keeping the
     shorter side >= ``draft_size`` (much faster for large photographs; the final resize is
-    done by the caller). Raises :class:`ImageReadError` naming the file on any failure.
+    done by the caller). ``high_range``: the raw value that 16-bit greyscale maps to 255
+    (the format's 65535 by default; a dataset with a known narrower range, e.g. a 12-bit
+    scanner, declares it), identically for every image. Raises :class:`ImageReadError`
+    naming the file on any failure.
     """
     ref = split_array_path(path)
     if ref is not None:
@@ -70,17 +74,18 @@ def open_image(path: str, draft_size: int | None = None) -> Image.Image:
         raise ImageReadError(f"{path}: file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image: {exc}") from exc
-    return to_l_or_rgb(img)
+    return to_l_or_rgb(img, high_range)
 
 
-def to_l_or_rgb(img: Image.Image) -> Image.Image:
-    """Greyscale stays single-channel (L); everything else becomes RGB."""
+def to_l_or_rgb(img: Image.Image, high_range: int = SIXTEEN_BIT_RANGE) -> Image.Image:
+    """Greyscale stays single-channel (L); everything else becomes RGB. 16/32-bit greyscale
+    is scaled by ``255 / high_range`` and clipped to [0, 255]: a raw value means the same
+    grey level in every image (never scaled by the image's own maximum)."""
     if img.mode == "L":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0.0
-        scaled = (arr / hi * 255.0) if hi > 0 else arr
+        scaled = np.clip(arr * (255.0 / high_range), 0.0, 255.0)
         return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
     if img.mode in ("1", "P", "LA") and _is_grey(img):
         return img.convert("L")
@@ -110,16 +115,22 @@ def array_to_image(arr: np.ndarray, where: str = "array") -> Image.Image:
     raise ImageReadError(f"{where}: expected H x W or H x W x 3 image array, got shape {a.shape}")
 
 
-def image_channels(path: str) -> int:
-    """1 for greyscale, 3 otherwise, read from the header only where possible."""
+def image_header(path: str) -> tuple[int, tuple[int, int]]:
+    """(1 for greyscale else 3, (width, height)), read from the header only where possible."""
     ref = split_array_path(path)
     if ref is not None:
-        return 1 if open_image(path).mode == "L" else 3
+        img = open_image(path)
+        return (1 if img.mode == "L" else 3), img.size
     try:
         with Image.open(path) as img:
-            mode = img.mode
+            mode, size = img.mode, img.size
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: file not found") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageReadError(f"{path}: cannot decode image: {exc}") from exc
-    return 1 if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA") else 3
+    return (1 if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "LA") else 3), size
+
+
+def image_channels(path: str) -> int:
+    """1 for greyscale, 3 otherwise, read from the header only where possible."""
+    return image_header(path)[0]

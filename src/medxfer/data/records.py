@@ -51,10 +51,12 @@ class DatasetInfo:
     fewshot_way: int = 2  # the paper's few-shot setting (2-way or 5-way)
     fewshot_shot: int = 20
     fewshot_pool: int | None = None  # few-shot draws from the first N train images (large sets); None = all
+    fewshot_splits: tuple[str, ...] | None = None  # without fewshot_pool: the splits of the pool (None = all)
     headline_metric: str = "accuracy"  # many-shot headline ("mean_per_class_accuracy" for EyePACS)
     layout: str = ""  # the folder to point at, for help texts
     display_name: str | None = None  # as the paper prints it (e.g. "iChallenge-PM"); None: the name
     synthetic: bool = False  # written by medxfer's synthetic generators, not real data
+    high_range: int = 65535  # raw value of 16-bit greyscale that maps to 255 (the same for every image)
 
     @property
     def label(self) -> str:

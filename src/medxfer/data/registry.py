@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from medxfer.data.records import Dataset, DatasetInfo
+from medxfer.errors import ParamError
 from medxfer.registry import Registry
 from medxfer.typed import build, setting
 
@@ -22,6 +23,8 @@ class DatasetOptions:
 
     split: str = setting("default", help="default, paper, or a split file (CSV path,split)")
     seed: int = setting(0, help="seed of the seeded splits")
+    high_range: int | None = setting(None, help="raw value of 16-bit greyscale images mapped to 255, the same "
+                                     "for every image (None: the format's 65535; e.g. 4095 for 12-bit data)")
 
 
 Loader = Callable[[Path, Any, bool], Dataset]
@@ -61,4 +64,11 @@ def dataset_options(name: str, options: dict[str, Any] | None = None) -> Dataset
 def load_dataset(name: str, /, root: str | os.PathLike[str], *, skip_bad: bool = False, **options: Any) -> Dataset:
     """Read dataset ``name`` (registered, or ``"folder"``/``"csv"``/``"medmnist"``) at ``root``."""
     adapter = DATASETS.get(name)
-    return adapter.loader(Path(root).expanduser(), dataset_options(name, options), skip_bad)
+    opts = dataset_options(name, options)
+    dataset = adapter.loader(Path(root).expanduser(), opts, skip_bad)
+    if opts.high_range is not None:
+        if opts.high_range < 1:
+            raise ParamError(f"--dataset-option {name}.high_range={opts.high_range}: must be positive")
+        dataset.info = replace(dataset.info, high_range=opts.high_range)
+        dataset.options["high_range"] = opts.high_range
+    return dataset

@@ -35,11 +35,28 @@ def normalise_split_name(value: str) -> str | None:
     return SPLIT_ALIASES.get(value.strip().lower())
 
 
+def identity_keys(paths: Sequence[str]) -> list[str]:
+    """Each record's identity for seeded splits: its path relative to the records' common folder
+    (array references kept), so a split never depends on list order and the same images give
+    the same split through any adapter (a folder, a CSV listing them in another order)."""
+    files = [p.partition("#")[0] for p in paths]
+    if not files:
+        return []
+    try:
+        common = os.path.commonpath([os.path.dirname(f) or "." for f in files])
+    except ValueError:  # mixed absolute and relative paths: keep them whole
+        common = ""
+    return [(os.path.relpath(f, common) if common else f) + ("#" + p.partition("#")[2] if "#" in p else "")
+            for f, p in zip(files, paths)]
+
+
 def stratified_split(labels: Sequence[int], groups: Sequence[str | None] | None = None, *,
-                     seed: int, test_fraction: float = 0.2) -> list[str]:
+                     seed: int | tuple[int, ...], test_fraction: float = 0.2,
+                     ids: Sequence[str] | None = None) -> list[str]:
     """Seeded train/test assignment, stratified by class, keeping each group on one side.
 
-    Without groups (or where a group is None) each image is its own group. A group's stratum
+    Without groups (or where a group is None) each image is its own group, identified by
+    ``ids`` (e.g. :func:`identity_keys`; default: its position). A group's stratum
     is its most frequent label (ties: the smaller label). The number of test groups,
     ``round(test_fraction * groups)``, is shared out over the strata by largest remainder
     (see :func:`_allocate`); within each stratum the groups are shuffled by
@@ -47,7 +64,8 @@ def stratified_split(labels: Sequence[int], groups: Sequence[str | None] | None 
     image and ``test_fraction * n_class`` is whole, class ``c`` gets exactly that many test images.
     """
     n = len(labels)
-    keys = [(groups[i] if groups is not None and groups[i] is not None else f"#image{i}") for i in range(n)]
+    keys = [(groups[i] if groups is not None and groups[i] is not None
+             else f"#image:{ids[i]}" if ids is not None else f"#image{i}") for i in range(n)]
     members: dict[str, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         members[k].append(i)

@@ -26,18 +26,35 @@ from medxfer.data.synthetic_images import synthetic_image
 from medxfer.errors import UsageError
 from medxfer.registry import Registry
 
-Writer = Callable[[Path, int, int, np.random.Generator], Path]
+Painter = Callable[[int, int, int, str], np.ndarray]  # (class, classes, size, modality) -> uint8 image
+Writer = Callable[[Path, int, int, np.random.Generator, Painter], Path]
+SYNTHETIC_MARKER = "MEDXFER_SYNTHETIC.txt"  # in the folder written: adapters then mark the dataset synthetic
 WRITERS: Registry[Writer] = Registry("synthetic dataset")
 
 
-def write_synthetic(name: str, root: str | Path, *, n_per_class: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """Write a synthetic copy of dataset ``name`` under ``root``; returns the folder to load."""
+def write_synthetic(name: str, root: str | Path, *, n_per_class: int = 8, size: int = 64, seed: int = 0,
+                    signal: float = 1.0) -> Path:
+    """Write a synthetic copy of dataset ``name`` under ``root``; returns the folder to load.
+
+    ``signal`` in (0, 1] sets how much of each image's structure depends on its class (the rest
+    is drawn at random per image): 1 makes the classes easy even for random features, smaller
+    values harder (the demo uses about 0.3, so its models land below the ceiling and differ).
+    """
+    if not 0.0 < signal <= 1.0:
+        raise UsageError(f"signal must be in (0, 1], got {signal}")
     if n_per_class < 4:
         raise UsageError(f"n_per_class must be at least 4 (got {n_per_class})")
     writer = WRITERS.get(name)
     out = Path(root).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    return writer(out, n_per_class, size, np.random.default_rng(seed))
+    write_text_atomic(out / SYNTHETIC_MARKER, f"Synthetic images written by medxfer.data.write_synthetic({name!r}, "
+                      f"n_per_class={n_per_class}, size={size}, seed={seed}, signal={signal}): not real data.\n")
+    rng = np.random.default_rng(seed)
+
+    def paint(k: int, n_classes: int, side: int, modality: str) -> np.ndarray:
+        return synthetic_image(rng, k, n_classes, side, modality, signal=signal)
+
+    return writer(out, n_per_class, size, rng, paint)
 
 
 def _register(name: str) -> Callable[[Writer], Writer]:
@@ -65,7 +82,7 @@ def _csv_text(header: list[str] | None, rows: list[list[object]]) -> str:
 
 def _tb_writer(top: str, prefix: str, readings: Callable[[int, np.random.Generator], str],
                metadata: str) -> Writer:
-    def write(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+    def write(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
         base = root / top
         meta_rows: list[list[object]] = []
         number = 0
@@ -73,7 +90,7 @@ def _tb_writer(top: str, prefix: str, readings: Callable[[int, np.random.Generat
             for _ in range(n):
                 number += 1
                 stem = f"{prefix}_{number:04d}_{label}"
-                img = synthetic_image(rng, label, 2, size, "chest-xray")
+                img = paint(label, 2, size, "chest-xray")
                 if number == 2:  # quirk: a few releases store grey images as RGB PNGs
                     img = np.repeat(img[..., None], 3, axis=2)
                 _save(img, base / "CXR_png" / f"{stem}.png")
@@ -105,14 +122,14 @@ _register("montgomery")(_tb_writer("MontgomerySet", "MCUCXR", _montgomery_readin
 # --- iChallenge-PM / iChallenge-AMD ---------------------------------------------------------
 
 @_register("ichallenge-pm")
-def _write_pm(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_pm(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """n each of P, H, N training images; n PM + n non-PM validation images with an xlsx."""
     import openpyxl
 
     pattern = {"N": 0, "H": 1, "P": 2}
     for letter in ("H", "N", "P"):
         for i in range(1, n + 1):
-            _save(synthetic_image(rng, pattern[letter], 3, size, "fundus"),
+            _save(paint(pattern[letter], 3, size, "fundus"),
                   root / "PALM-Training400" / f"{letter}{i:04d}.jpg", quality=92)
     labels = [1] * n + [0] * n
     rng.shuffle(labels)
@@ -121,7 +138,7 @@ def _write_pm(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
     ws.append(["ID", "imgName", "Label", "Fovea_X", "Fovea_Y"])
     for i, lbl in enumerate(labels, start=1):
         k = 2 if lbl == 1 else int(rng.integers(0, 2))
-        _save(synthetic_image(rng, k, 3, size, "fundus"), root / "PALM-Validation400" / f"V{i:04d}.jpg", quality=92)
+        _save(paint(k, 3, size, "fundus"), root / "PALM-Validation400" / f"V{i:04d}.jpg", quality=92)
         ws.append([i, f"V{i:04d}.jpg", lbl, round(float(rng.uniform(900, 1300)), 2),
                    round(float(rng.uniform(900, 1200)), 2)])
     (root / "PALM-Validation-GT").mkdir(parents=True, exist_ok=True)
@@ -130,11 +147,11 @@ def _write_pm(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
 
 
 @_register("ichallenge-amd")
-def _write_amd(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_amd(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """n AMD (A0001.jpg ...) and n non-AMD (N0001.jpg ...) images in Training400/."""
     for label, (folder, letter) in enumerate((("Non-AMD", "N"), ("AMD", "A"))):
         for i in range(1, n + 1):
-            _save(synthetic_image(rng, label, 2, size, "fundus"), root / "Training400" / folder / f"{letter}{i:04d}.jpg",
+            _save(paint(label, 2, size, "fundus"), root / "Training400" / folder / f"{letter}{i:04d}.jpg",
                   quality=92)
     return root
 
@@ -142,7 +159,7 @@ def _write_amd(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
 # --- BACH -----------------------------------------------------------------------------------
 
 @_register("bach")
-def _write_bach(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_bach(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """n uncompressed 4:3 RGB TIFFs per class and the headerless ground-truth CSV."""
     base = root / "ICIAR2018_BACH_Challenge"
     prefixes = {"Normal": "n", "Benign": "b", "InSitu": "is", "Invasive": "iv"}
@@ -150,7 +167,7 @@ def _write_bach(root: Path, n: int, size: int, rng: np.random.Generator) -> Path
     width, height = size * 4 // 3, size
     for k, (cls, prefix) in enumerate(prefixes.items()):
         for i in range(1, n + 1):
-            img = synthetic_image(rng, k, 4, width, "histology")[:height]
+            img = paint(k, 4, width, "histology")[:height]
             name = f"{prefix}{i:03d}.tif"
             _save(img, base / "Photos" / cls / name)
             rows.append([name, cls])
@@ -183,7 +200,7 @@ def _eyepacs_rows(n: int, rng: np.random.Generator, ids: list[int]) -> list[tupl
 
 
 @_register("eyepacs")
-def _write_eyepacs(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_eyepacs(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """train/: n per grade (trainLabels.csv); test/: max(4, n // 2) per grade with
     retinopathy_solution.csv (image,level,Usage). Same-grade eye pairs: 5 * ((n - 2) // 2)
     in train plus the same count for the test size."""
@@ -193,7 +210,7 @@ def _write_eyepacs(root: Path, n: int, size: int, rng: np.random.Generator) -> P
     test = _eyepacs_rows(n_test, rng, ids[3 * n:])
     for folder, rows in (("train", train), ("test", test)):
         for image, grade in rows:
-            _save(synthetic_image(rng, grade, 5, size, "fundus"), root / folder / f"{image}.jpeg", quality=90)
+            _save(paint(grade, 5, size, "fundus"), root / folder / f"{image}.jpeg", quality=90)
     write_text_atomic(root / "trainLabels.csv", _csv_text(["image", "level"], [[i, g] for i, g in train]))
     write_text_atomic(root / "retinopathy_solution.csv",
                       _csv_text(["image", "level", "Usage"],
@@ -234,7 +251,7 @@ def _chexpert_row(rel: str, view_file: str, value: str, rng: np.random.Generator
 
 
 @_register("chexpert")
-def _write_chexpert(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_chexpert(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """CheXpert-v1.0-small/: train.csv with n images per class under u_ones (see
     :func:`_chexpert_studies`; with n = 6: 3 uncertain positives, 2 lateral/frontal pairs per
     class), patients of two studies each; valid.csv with 2 frontal images per class."""
@@ -248,13 +265,13 @@ def _write_chexpert(root: Path, n: int, size: int, rng: np.random.Generator) -> 
         patient, study = f"patient{k // 2 + 1:05d}", f"study{k % 2 + 1}"
         for f in files:
             rel = f"{top}/train/{patient}/{study}/{f}"
-            _save(synthetic_image(rng, label, 2, size, "chest-xray"), root / rel, quality=90)
+            _save(paint(label, 2, size, "chest-xray"), root / rel, quality=90)
             rows.append(_chexpert_row(rel, f, value, rng))
     write_text_atomic(base / "train.csv", _csv_text(_CHEXPERT_HEADER, rows))
     valid: list[list[object]] = []
     for k, label in enumerate((0, 0, 1, 1)):
         rel = f"{top}/valid/patient{64541 + k}/study1/view1_frontal.jpg"
-        _save(synthetic_image(rng, label, 2, size, "chest-xray"), root / rel, quality=90)
+        _save(paint(label, 2, size, "chest-xray"), root / rel, quality=90)
         row = _chexpert_row(rel, "view1_frontal.jpg", "1.0" if label else "0.0", rng)
         valid.append([v.replace("-1.0", "0.0") if isinstance(v, str) else v for v in row])
     write_text_atomic(base / "valid.csv", _csv_text(_CHEXPERT_HEADER, valid))
@@ -272,7 +289,7 @@ _NIH_DROPPED = (("No Finding", 4), ("Pneumonia", 2), ("Hernia", 1), ("Effusion|I
 
 
 @_register("chestx-ray14")
-def _write_chestxray14(root: Path, n: int, size: int, rng: np.random.Generator) -> Path:
+def _write_chestxray14(root: Path, n: int, size: int, rng: np.random.Generator, paint: Painter) -> Path:
     """Data_Entry_2017.csv (with its unquoted-bracket header and trailing comma), n images per
     class plus 10 rows to drop (4 No Finding, 2 Pneumonia, 1 Hernia, 3 multi-label), patients
     of 1-3 follow-ups, images split over images_001/images/ and images_002/images/, and
@@ -294,7 +311,7 @@ def _write_chestxray14(root: Path, n: int, size: int, rng: np.random.Generator) 
         label = f.split("|")[0]
         cls = _NIH_CLASSES.index(label) if label in _NIH_CLASSES else 0
         folder = "images_001" if k < half else "images_002"
-        _save(synthetic_image(rng, cls, 7, size, "chest-xray"), root / folder / "images" / name)
+        _save(paint(cls, 7, size, "chest-xray"), root / folder / "images" / name)
         lines.append(f"{name},{f},{follow},{p},{int(rng.integers(20, 80))},{rng.choice(['M', 'F'])},"
                      f"{rng.choice(['PA', 'AP'])},2500,2048,0.168,0.168\n")
     write_text_atomic(root / "Data_Entry_2017.csv", "".join(lines))

@@ -19,20 +19,33 @@ TINTS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] 
 }
 
 
-def class_pattern(rng: np.random.Generator, k: int, n_classes: int, size: int) -> np.ndarray:
-    """A size x size float image in [0, 1] whose structure depends on class ``k``."""
-    t = k / max(1, n_classes - 1)  # 0 .. 1 across classes
+def class_pattern(rng: np.random.Generator, k: int, n_classes: int, size: int, signal: float = 1.0) -> np.ndarray:
+    """A size x size float image in [0, 1] whose structure depends on class ``k``.
+
+    Each class-dependent quantity (orientation, frequency, brightness, contrast, number and
+    size of blobs) is ``signal`` times its class value plus ``1 - signal`` times a value drawn
+    for this image alone, so ``signal=1`` separates the classes fully and smaller values make
+    them overlap.
+    """
+    t_class = k / max(1, n_classes - 1)  # 0 .. 1 across classes
+
+    def mix(class_value: float) -> float:
+        if signal >= 1.0:
+            return class_value
+        return signal * class_value + (1.0 - signal) * float(rng.uniform(0.0, 1.0))
+
+    t = mix(t_class)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    theta = np.pi * k / n_classes + rng.normal(0, 0.08)
-    freq = 2.0 + 16.0 * t + rng.normal(0, 0.3)
+    theta = np.pi * mix(k / n_classes) + rng.normal(0, 0.08)
+    freq = 2.0 + 16.0 * mix(t_class) + rng.normal(0, 0.3)
     phase = rng.uniform(0, 2 * np.pi)
     stripes = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
-    img = 0.20 + 0.45 * t + rng.normal(0, 0.02) + (0.08 + 0.20 * t) * stripes
+    img = 0.20 + 0.45 * t + rng.normal(0, 0.02) + (0.08 + 0.20 * mix(t_class)) * stripes
     gx, gy = rng.normal(0, 0.08, size=2)
     img = img + gx * (xx - 0.5) + gy * (yy - 0.5)
-    n_blobs = 1 + 3 * k
+    n_blobs = 1 + int(round(3 * (n_classes - 1) * mix(t_class)))
     centres = rng.uniform(0.15, 0.85, size=(n_blobs, 2))
-    radius = (0.10 - 0.05 * t) * rng.uniform(0.8, 1.2, size=n_blobs)
+    radius = (0.10 - 0.05 * mix(t_class)) * rng.uniform(0.8, 1.2, size=n_blobs)
     d2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
     img = img + 0.35 * np.exp(-d2 / (2 * radius[:, None, None] ** 2)).sum(axis=0)
     img = img + rng.normal(0, 0.04, size=img.shape)
@@ -57,6 +70,7 @@ def render(pattern: np.ndarray, modality: str, rng: np.random.Generator) -> np.n
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
-def synthetic_image(rng: np.random.Generator, k: int, n_classes: int, size: int, modality: str) -> np.ndarray:
+def synthetic_image(rng: np.random.Generator, k: int, n_classes: int, size: int, modality: str,
+                    signal: float = 1.0) -> np.ndarray:
     """One uint8 image of class ``k`` for ``modality`` (see :func:`class_pattern`)."""
-    return render(class_pattern(rng, k, n_classes, size), modality, rng)
+    return render(class_pattern(rng, k, n_classes, size, signal), modality, rng)

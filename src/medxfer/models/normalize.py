@@ -92,15 +92,17 @@ def histogram_equalize(x: torch.Tensor) -> torch.Tensor:
 def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """CovidPrognosis's ``HistogramNormalize`` (the MIMIC-CheXpert training code), batched.
 
-    Per image and channel: ``np.histogram(v, 256, density=True)`` over [min, max] (a
+    Per image, **one histogram over all its pixels** (every channel together, as their code
+    flattens the whole image): ``np.histogram(v, 256, density=True)`` over [min, max] (a
     constant image uses [v - 0.5, v + 0.5], as numpy does), ``cdf = 255 * cdf / cdf[-1]``,
-    then ``np.interp(v, left_bin_edges, cdf)``. Unlike :func:`histogram_equalize` the darkest
-    pixel maps to the first bin's share (not 0). Output float32 in [0, 255].
+    then ``np.interp(v, left_bin_edges, cdf)``. Unlike the textbook formula
+    (:func:`histogram_equalize`) the darkest pixel maps to the first bin's share, not 0.
+    Output float32 in [0, 255], 3 channels (a greyscale image is equalised, then stacked).
     """
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {x.dtype}")
     b, c, h, w = x.shape
-    v = x.reshape(b * c, h * w).double()
+    v = x.reshape(b, c * h * w).double()
     lo, hi = v.min(1, keepdim=True).values, v.max(1, keepdim=True).values
     flat = lo == hi
     lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
@@ -111,7 +113,7 @@ def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch
     idx = ((v - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
     idx = idx - (v < torch.gather(edges, 1, idx)).long()
     idx = idx + ((v >= torch.gather(edges, 1, idx + 1)) & (idx != bins - 1)).long()
-    counts = torch.zeros(b * c, bins, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(b, bins, dtype=torch.float64, device=x.device)
     counts.scatter_add_(1, idx, torch.ones_like(v))
     cdf = counts.cumsum(1)
     cdf = 255.0 * cdf / cdf[:, -1:]
@@ -130,7 +132,9 @@ def histogram_equalize_covidprognosis(x: torch.Tensor, bins: int = 256) -> torch
 register_normalization("imagenet", _mean_std(IMAGENET_MEAN, IMAGENET_STD))
 register_normalization("none", to_rgb_float, aliases=("raw",))
 register_normalization("histeq", histogram_equalize, aliases=("histogram-equalization",))
-register_normalization("histeq-covidprognosis", histogram_equalize_covidprognosis, aliases=("histeq-cp",))
+# version 2: one histogram per image over all channels (version 1 was per channel)
+register_normalization("histeq-covidprognosis", histogram_equalize_covidprognosis, version="2",
+                       aliases=("histeq-cp",))
 register_normalization("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
 
 

@@ -31,11 +31,12 @@ def _mimic(lr: str) -> ModelSpec:
     file = f"mimic-chexpert_lr_{lr}_bs_128_fd_128_qs_65536.pt"
     return ModelSpec(
         name=f"mimic-chexpert-lr{lr}", display_name=f"MIMIC-CheXpert (lr={lr})", arch="densenet121",
-        family="domain-specific",
-        normalization="histeq", urls=(FB + "CovidPrognosis/pretrained_models/" + file,), filename=file,
+        family="domain-specific", normalization="histeq-covidprognosis",
+        urls=(FB + "CovidPrognosis/pretrained_models/" + file,), filename=file,
         fmt="lightning", prefix="model.encoder_q.", drop=("classifier.",), licence=MIMIC_LICENCE,
         citation=MIMIC_CITATION, in_paper=True,
-        notes=f"MoCo (lr {lr}) on MIMIC-CXR + CheXpert; Lightning checkpoint; histogram-equalised input",
+        notes=f"MoCo (lr {lr}) on MIMIC-CXR + CheXpert; Lightning checkpoint; input through CovidPrognosis's "
+        "histogram normalisation (one histogram per image, 255 * cdf)",
     )
 
 

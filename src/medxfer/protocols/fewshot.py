@@ -58,16 +58,20 @@ class Episodes:
         return h.hexdigest()
 
 
-def select_pool(labels: np.ndarray, splits: np.ndarray | None, pool_size: int | None, seed: int) -> np.ndarray:
+def select_pool(labels: np.ndarray, splits: np.ndarray | None, pool_size: int | None, seed: int,
+                pool_splits: tuple[str, ...] | None = None) -> np.ndarray:
     """The record indices episodes are drawn from.
 
-    ``pool_size=None``: every image (train and test pooled), as the paper did for the small
-    datasets. Otherwise the first ``pool_size`` images of the train split after a seeded
-    shuffle (the paper: 10,001 images of the shuffled train split for the large datasets).
+    ``pool_size=None``: every image of ``pool_splits`` (None: every image, train and test
+    pooled, as the paper did for the small datasets; iChallenge-PM: its 400 training images).
+    Otherwise the first ``pool_size`` images of the train split after a seeded shuffle (the
+    paper: 10,001 images of the shuffled train split for the large datasets).
     """
     n = len(labels)
     if pool_size is None:
-        return np.arange(n)
+        if pool_splits is None or splits is None:
+            return np.arange(n)
+        return np.flatnonzero(np.isin(np.asarray(splits).astype(str), list(pool_splits)))
     train = np.arange(n) if splits is None else np.flatnonzero(np.asarray(splits) == "train")
     rng = np.random.default_rng([seed, 0x9001])
     return np.sort(rng.permutation(train)[:pool_size])
@@ -173,6 +177,10 @@ class FewShotParams(Params):
     episodes: int = setting(600, check=positive, help="number of episodes")
     pool_size: int | None = setting(None, check=positive,
                                     help="draw from the first N seeded-shuffled train images (None: all images)")
+    pool_splits: tuple[str, ...] | None = setting(None, help="with pool_size None: the splits the pool is "
+                                                  "made of (None: every image)")
+    paper_squash: bool = setting(False, help="compat: the authors' 257x257 bilinear squash on the small "
+                                 "datasets (those without a pool size)")
     small_classes: Literal["error", "drop"] = setting("error", help="a class smaller than shots + queries: "
                                                       "error, or drop it from every episode")
 
@@ -180,7 +188,7 @@ class FewShotParams(Params):
 def draw_episodes(labels: np.ndarray, splits: np.ndarray | None, p: FewShotParams, seed: int,
                   class_names: tuple[str, ...] | None = None) -> tuple[np.ndarray, Episodes, list[str]]:
     """The pool and the episodes of ``p`` for these labels (they never depend on the model)."""
-    pool = select_pool(labels, splits, p.pool_size, seed)
+    pool = select_pool(labels, splits, p.pool_size, seed, p.pool_splits)
     eps, warnings = sample_episodes(labels, p.n_way, p.n_shot, p.n_query, p.episodes, seed,
                                     pool=pool, small_classes=p.small_classes, class_names=class_names)
     return pool, eps, warnings
@@ -214,7 +222,8 @@ def evaluate_fewshot(features: FeatureSet, p: FewShotParams, seed: int) -> EvalR
 
 
 def _run(ctx: Context, p: FewShotParams, seed: int) -> EvalResult:
-    return evaluate_fewshot(ctx.features(), p, seed)
+    squash = p.paper_squash and p.pool_size is None  # the authors squashed the small datasets only
+    return evaluate_fewshot(ctx.features(resize="squash" if squash else None), p, seed)
 
 
 def _check(view: LabelView, p: FewShotParams, seed: int) -> None:
@@ -229,6 +238,7 @@ register_protocol(Protocol(
     needs=Needs(features=("pooled",), accelerator="cpu"),
     check=_check,
     dataset_defaults=lambda info: {"n_way": info.fewshot_way, "n_shot": info.fewshot_shot,
-                                   "pool_size": info.fewshot_pool},
+                                   "pool_size": info.fewshot_pool, "pool_splits": info.fewshot_splits},
+    compat={"paper": {"paper_squash": True}},
     description="prototypical networks, K-way N-shot, 15 queries, 600 episodes, mean ± 95% CI (paper Table 3)",
 ), aliases=("few-shot", "protonet"))

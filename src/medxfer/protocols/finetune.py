@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from medxfer.cache import atomic_path, content_key
+from medxfer.data.splits import identity_keys
 from medxfer.devices import resolve_device
 from medxfer.errors import UsageError
 from medxfer.models.backbone import Backbone
@@ -36,7 +37,7 @@ from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
 from medxfer.progress import bar
 from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
-from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
 from medxfer.typed import fraction, positive, setting
 
@@ -113,11 +114,14 @@ def _crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float,
 
 
 def augment(batch: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W."""
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+            extents: np.ndarray | None = None) -> torch.Tensor:
+    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W;
+    with ``extents`` (B x (height, width)) each image lies top-left in a padded canvas and is
+    cropped within its own extent."""
     out = []
-    h, w = batch.shape[-2:]
-    for img in batch:
+    for i, img in enumerate(batch):
+        h, w = (int(extents[i][0]), int(extents[i][1])) if extents is not None else img.shape[-2:]
         top, left, ch, cw = _crop_params(h, w, scale, ratio, g)
         crop = TF.resized_crop(img, top, left, ch, cw, [size, size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -148,10 +152,18 @@ def _amp_context(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-@torch.no_grad()
 def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
                  batch_size: int, device: torch.device, amp: bool, headline: str) -> tuple[dict[str, float], float, list[str]]:
     """Metrics (percent), mean cross-entropy, warnings of ``net`` on rows ``idx`` (eval mode)."""
+    proba, loss = net_proba(net, prepared, idx, labels, size=size, batch_size=batch_size, device=device, amp=amp)
+    metrics, warns = classification_metrics(labels[idx], proba, headline)
+    return metrics, loss, warns
+
+
+@torch.no_grad()
+def net_proba(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
+              batch_size: int, device: torch.device, amp: bool) -> tuple[np.ndarray, float]:
+    """Class probabilities (float64) and mean cross-entropy of ``net`` on rows ``idx`` (eval mode)."""
     was_training = net.training
     net.eval()
     probs, losses = [], []
@@ -165,9 +177,7 @@ def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labe
         losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
         probs.append(torch.softmax(logits, 1).cpu().numpy())
     net.train(was_training)
-    proba = np.concatenate(probs).astype(np.float64)
-    metrics, warns = classification_metrics(labels[idx], proba, headline)
-    return metrics, float(sum(losses) / len(idx)), warns
+    return np.concatenate(probs).astype(np.float64), float(sum(losses) / len(idx))
 
 
 @dataclass
@@ -203,7 +213,8 @@ def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[np.ndarray
             yield perm[s : s + batch_size]
 
 
-def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, labels: np.ndarray, k: int, *,
+def _train_once(backbone: Backbone, prepared: PreparedImages, train_store: PreparedImages, sp: SplitIndices,
+                labels: np.ndarray, k: int, *,
                 lr: float, weight_decay: float, seed: int, device: torch.device, workdir: Path | None,
                 key: str, headline: str, p: FinetuneParams, snapshot: Snapshot,
                 on_checkpoint: CheckpointHook | None) -> tuple[FinetuneNet, TrialOutcome]:
@@ -265,8 +276,9 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, sp: SplitIndices, 
                     unit="step")
     while step < p.max_steps:
         rows = sp.train[next(batches)]
-        x = augment(_load_batch(prepared, rows, device), size, g_aug, hflip=p.hflip,
-                    scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio))
+        extents = None if train_store.extents is None else train_store.extents[rows]
+        x = augment(_load_batch(train_store, rows, device), size, g_aug, hflip=p.hflip,
+                    scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio), extents=extents)
         with ctx:
             loss = nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
         if not torch.isfinite(loss):
@@ -351,10 +363,14 @@ def search_trials(search: Any, lr: float, weight_decay: float, seed: int) -> lis
 
 def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams | None = None, *, seed: int = 0,
                    device: str | torch.device | None = None, workdir: str | Path | None = None,
-                   snapshot: Snapshot = snapshot_state,
-                   on_checkpoint: CheckpointHook | None = None) -> tuple[FinetuneNet, EvalResult]:
+                   snapshot: Snapshot = snapshot_state, on_checkpoint: CheckpointHook | None = None,
+                   train_store: PreparedImages | None = None) -> tuple[FinetuneNet, EvalResult]:
     """Finetune a copy of ``model`` (the caller's model is never changed); returns the restored
     best network and the result (test metrics of the best trial on validation).
+
+    ``prepared``: the evaluation crops (validation and test). ``train_store``: the same records
+    prepared whole at a larger size (``prepare(..., resize="keep")``), where the training crops
+    are taken; without it they come from the evaluation crops (with a warning).
 
     ``snapshot`` copies the best weights (the default makes an independent copy; a function
     returning ``net.state_dict()`` reproduces the authors' aliasing bug); ``on_checkpoint(step)``
@@ -371,7 +387,8 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
     k = max(len(prepared.class_names), int(labels.max()) + 1)
     val_seed = seed if p.val_seed is None else int(p.val_seed)
     sp = many_shot_splits(prepared.splits, labels, val_fraction=p.val_fraction, val_seed=val_seed,
-                          stratified=p.val_stratified, what=what)
+                          stratified=p.val_stratified, what=what, keys=identity_keys([r.path for r in prepared.records]),
+                          generator=p.val_generator)
     if prepared.bad:  # undecodable images (prepared with skip_bad) are zeros: leave them out
         bad = np.asarray(prepared.bad, dtype=np.int64)
         sp = SplitIndices(np.setdiff1d(sp.train, bad), np.setdiff1d(sp.val, bad), np.setdiff1d(sp.test, bad),
@@ -379,16 +396,23 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
         if not (sp.train.size and sp.val.size and sp.test.size):
             raise UsageError(f"{what}: no usable images left in a split after skipping {bad.size} bad images")
     headline = p.headline_metric or prepared.headline_metric
+    train_src = prepared if train_store is None else train_store
+    crop_warning = []
+    if train_store is None:
+        crop_warning = ["training crops taken from the evaluation crops (no whole-image training store): "
+                        "small crops are blown up and the image outside the centre is never seen"]
+    elif len(train_store) != len(prepared) or train_store.records != prepared.records:
+        raise UsageError(f"{what}: the training store does not hold the same records as the evaluation crops")
     wd_root = Path(workdir) if workdir is not None else None
     trials = search_trials(p.search, p.lr, p.weight_decay, seed)
     train_settings = {n: v for n, v in p.key().items() if n not in ("lr", "weight_decay", "search")}
     outcomes: list[TrialOutcome] = []
     best_net: FinetuneNet | None = None
     for i, (lr, wd) in enumerate(trials):
-        key = content_key(VERSION, model.fingerprint, prepared.key, seed, lr, wd, k, headline,
+        key = content_key(VERSION, model.fingerprint, prepared.key, train_src.key, seed, lr, wd, k, headline,
                           train_settings, autocast_name(p, dev))
         trial_dir = None if wd_root is None else (wd_root / f"trial-{i:02d}" if len(trials) > 1 else wd_root)
-        net, out = _train_once(model, prepared, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
+        net, out = _train_once(model, prepared, train_src, sp, labels, k, lr=lr, weight_decay=wd, seed=seed, device=dev,
                                workdir=trial_dir, key=key, headline=headline, p=p, snapshot=snapshot,
                                on_checkpoint=on_checkpoint)
         outcomes.append(out)
@@ -403,8 +427,10 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
     chosen = max(range(len(outcomes)), key=lambda j: (outcomes[j].best_score, -outcomes[j].best_loss))
     best = outcomes[chosen]
     assert best_net is not None
-    metrics, _, warns = evaluate_net(best_net, prepared, sp.test, labels, size=p.image_size,
-                                     batch_size=p.eval_batch_size, device=dev, amp=use_amp(p, dev), headline=headline)
+    proba, _ = net_proba(best_net, prepared, sp.test, labels, size=p.image_size, batch_size=p.eval_batch_size,
+                         device=dev, amp=use_amp(p, dev))
+    metrics, half, boot, warns = test_report(labels[sp.test], proba, headline, n_boot=p.bootstrap, seed=seed,
+                                             groups=[prepared.records[i].patient for i in sp.test])
     metrics["lr"] = best.lr
     metrics["weight_decay"] = best.weight_decay
     details = {
@@ -424,13 +450,16 @@ def finetune_model(model: Backbone, prepared: PreparedImages, p: FinetuneParams 
         "skipped_bad_images": len(prepared.bad),
         "val_seed": val_seed,
         "device": str(dev),
+        "bootstrap": boot,
+        "train_crops_from": ("evaluation crops" if train_store is None else
+                             f"whole images, shorter side {train_store.size} (canvas {list(train_store.array.shape[1:3])})"),
         "amp": use_amp(p, dev),
         "autocast": autocast_name(p, dev),
         "model": model.name,
         "weights": model.weights,
     }
     return best_net, EvalResult(protocol="finetune", metrics=metrics, params=p.to_dict(), details=details,
-                                warnings=warns, headline=Headline(headline, float(metrics["headline"]), None, True))
+                                warnings=crop_warning + warns, headline=Headline(headline, float(metrics["headline"]), half, True))
 
 
 def use_amp(p: FinetuneParams, device: torch.device) -> bool:
@@ -465,6 +494,8 @@ class FinetuneParams(Params):
     val_every: int = setting(200, check=positive, help="steps between validations")
     patience: int = setting(3, check=positive, help="validations without improvement before stopping")
     image_size: int = setting(224, check=positive, help="training crop size")
+    train_size: int | None = setting(320, check=positive, help="shorter side of the whole-image store training "
+                                     "crops are taken from (never enlarged; None: crop from the 224 evaluation crops)")
     crop_scale: tuple[float, float] = setting((0.08, 1.0), help="RandomResizedCrop scale range")
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), help="RandomResizedCrop aspect range")
     hflip: bool = setting(True, help="random horizontal flips")
@@ -472,9 +503,13 @@ class FinetuneParams(Params):
     val_fraction: float = setting(0.2, check=fraction, help="carved from train when there is no val split")
     val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
     val_stratified: bool = setting(True, help="carve validation stratified by class")
+    val_generator: Literal["default", "legacy"] = setting(
+        "default", help="default: seeded by record identity; legacy: the authors' RandomState permutation of rows")
     headline_metric: str | None = setting(None, help="early-stopping metric (None: the dataset's headline)")
     search: Any = setting(False, check=_check_search, help="lr/weight-decay search: false, true (3 x 3 grid), "
                           "{lr: [...], weight_decay: [...]} or {random: n, lr: [lo, hi], weight_decay: [lo, hi]}")
+    bootstrap: int = setting(1000, help="bootstrap replicates of the test set for the headline's 95% interval "
+                             "(patients resampled where known; 0: none)")
     eval_batch_size: int = setting(128, check=positive, execution=True, help="evaluation batch")
 
     def __post_init__(self) -> None:
@@ -482,12 +517,14 @@ class FinetuneParams(Params):
             raise ValueError(f"headline_metric={self.headline_metric!r} is not one of {', '.join(HEADLINE_METRICS)}")
 
 
-PAPER = {"val_seed": 0, "val_stratified": False}
+PAPER = {"val_seed": 0, "val_stratified": False, "val_generator": "legacy"}
 
 
 def _run(ctx: Context, p: FinetuneParams, seed: int) -> EvalResult:
     workdir = ctx.workdir()
-    result = finetune_model(ctx.model, ctx.prepared(), p, seed=seed, device=ctx.device, workdir=workdir)[1]
+    train = ctx.training_store(p.train_size) if p.train_size else None
+    result = finetune_model(ctx.model, ctx.prepared(), p, seed=seed, device=ctx.device, workdir=workdir,
+                            train_store=train)[1]
     if workdir is not None:
         result.files = [str(f) for f in sorted(workdir.rglob(FINAL))]
     return result

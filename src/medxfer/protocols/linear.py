@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from medxfer.data.splits import identity_keys
 from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
 from medxfer.progress import progress_enabled
 from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.protocols.logreg import fit_path
-from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics
+from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import many_shot_splits
 from medxfer.registry import Registry
 from medxfer.typed import fraction, positive, setting
@@ -100,9 +101,13 @@ def _sklearn_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
     converged = [True] * len(lambdas)
     n_warn = 0
 
+    # a 2-class softmax with ||W||^2 / (2CN) is the binomial model at 2C: what the authors'
+    # scikit-learn fitted for binary tasks (installed versions fit a binomial model at C)
+    c_scale = 2.0 if params.binary_as_multinomial and k == 2 else 1.0
+
     def fit(c: float, x: np.ndarray, y: np.ndarray) -> tuple[int, bool]:
         nonlocal n_warn
-        clf.C = float(c)
+        clf.C = float(c) * c_scale
         with pywarnings.catch_warnings(record=True) as caught:
             pywarnings.simplefilter("always", ConvergenceWarning)
             clf.fit(x, y)
@@ -128,7 +133,8 @@ def _sklearn_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
 
     info = {"sklearn_version": sklearn.__version__, "warm_start_order": order_name,
             "stopping": "scikit-learn lbfgs (gtol=tol, ftol=64*eps) or max_iter",
-            "note": "scikit-learn fits binary problems as binomial (one weight vector)"}
+            "note": "scikit-learn fits binary problems as binomial (one weight vector)"
+                    + ("; fitted at 2C, which equals the two-class multinomial model at C" if c_scale == 2.0 else "")}
     return GridFit(val_proba, n_iter, converged, refit, info)
 
 
@@ -156,7 +162,8 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
     k = max(len(features.class_names), int(y.max()) + 1)
     val_seed = seed if p.val_seed is None else int(p.val_seed)
     sp = many_shot_splits(features.splits, y, val_fraction=p.val_fraction, val_seed=val_seed,
-                          stratified=p.val_stratified, what=what)
+                          stratified=p.val_stratified, what=what, keys=identity_keys([r.path for r in features.records]),
+                          generator=p.val_generator)
     headline = features.headline_metric
     select_metric = p.select_metric or headline
     lambdas = lambda_grid(p.grid_min, p.grid_max, p.grid_size)
@@ -174,9 +181,15 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
     t1 = time.perf_counter()
     test_proba, refit_iter, refit_conv = fit.refit(best)
     t_refit = time.perf_counter() - t1
-    metrics, warns = classification_metrics(y[sp.test], test_proba, headline)
+    groups = [features.records[i].patient for i in sp.test]
+    metrics, half, boot, warns = test_report(y[sp.test], test_proba, headline, groups=groups, n_boot=p.bootstrap,
+                                             seed=seed)
     grid_c = (1.0 / lambdas).tolist()
     metrics["C"] = float(grid_c[best])
+    at_edge = best in (0, len(lambdas) - 1)
+    if at_edge:
+        warns.append(f"C chosen at the {'weak' if best == 0 else 'strong'}-regularisation edge of the grid "
+                     f"(C={grid_c[best]:.6g}): the best value may lie outside it")
     non_conv = [grid_c[i] for i, c in enumerate(fit.converged) if not c]
     if non_conv:
         warns.append(f"{len(non_conv)} of {len(lambdas)} path fits did not converge (tol={p.tol}, "
@@ -196,6 +209,8 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
         "converged": [bool(c) for c in fit.converged],
         "non_converged": non_conv,
         "chosen_index": int(best),
+        "c_at_grid_edge": bool(at_edge),
+        "bootstrap": boot,
         "chosen_lambda": float(lambdas[best]),
         "refit_iterations": int(refit_iter),
         "refit_converged": bool(refit_conv),
@@ -208,7 +223,7 @@ def evaluate_linear(features: FeatureSet, p: LinearParams, seed: int, device: st
         "timing_s": {"path": t_path, "refit": t_refit},
     }
     return EvalResult(protocol="linear", metrics=metrics, params=p.to_dict(), details=details, warnings=warns,
-                      headline=Headline(headline, float(metrics["headline"]), None, True))
+                      headline=Headline(headline, float(metrics["headline"]), half, True))
 
 
 @dataclass(frozen=True)
@@ -221,6 +236,8 @@ class LinearParams(Params):
     val_fraction: float = setting(0.2, check=fraction, help="carved from train when the dataset has no val split")
     val_seed: int | None = setting(None, help="seed of the validation carve (None: the run seed)")
     val_stratified: bool = setting(True, help="carve validation stratified by class")
+    val_generator: Literal["default", "legacy"] = setting(
+        "default", help="default: seeded by record identity; legacy: the authors' RandomState permutation of rows")
     select_metric: str | None = setting(None, help="metric choosing C (None: the dataset's headline metric)")
     tie_break: Literal["first", "strongest"] = setting("first", help="equal validation scores: weakest or "
                                                        "strongest regularisation")
@@ -230,9 +247,13 @@ class LinearParams(Params):
     history: int = setting(10, check=positive, help="L-BFGS memory")
     warm_start_order: Literal["none", "weak_to_strong", "strong_to_weak"] = setting(
         "none", help="sklearn-lbfgs only: warm starts along the grid")
+    binary_as_multinomial: bool = setting(False, help="sklearn-lbfgs only: fit binary tasks as a two-class "
+                                          "multinomial model (the authors' scikit-learn), i.e. binomial at 2C")
     dtype: Literal["float32", "float64"] = setting("float32", help="medxfer solver precision")
     matmul: Literal["auto", "bf16", "exact"] = setting("auto", help="medxfer solver: bf16 products (verified "
                                                        "exactly) where fast, or exact float32")
+    bootstrap: int = setting(1000, help="bootstrap replicates of the test set for the headline's 95% interval "
+                             "(patients resampled where known; 0: none)")
     device: str | None = setting(None, execution=True, help="solver device (None: the run's device)")
 
     def __post_init__(self) -> None:
@@ -241,8 +262,8 @@ class LinearParams(Params):
             raise ValueError(f"select_metric={self.select_metric!r} is not one of {', '.join(HEADLINE_METRICS)}")
 
 
-PAPER = {"solver": "sklearn-lbfgs", "max_iter": 100, "warm_start_order": "weak_to_strong",
-         "val_seed": 0, "val_stratified": False}
+PAPER = {"solver": "sklearn-lbfgs", "max_iter": 100, "warm_start_order": "weak_to_strong", "binary_as_multinomial": True,
+         "val_seed": 0, "val_stratified": False, "val_generator": "legacy"}
 
 
 def _run(ctx: Context, p: LinearParams, seed: int) -> EvalResult:

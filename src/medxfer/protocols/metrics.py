@@ -145,3 +145,69 @@ def metric_fn(name: str) -> Any:
     if name not in fns:
         raise UsageError(f"{name!r} cannot select hyper-parameters; choose from {', '.join(fns)}")
     return fns[name]
+
+
+def headline_value(y_true: np.ndarray, proba: np.ndarray, headline: str) -> float:
+    """The one metric ``headline`` (percent) from probabilities; NaN where undefined."""
+    p = np.asarray(proba)
+    if headline == "auroc":
+        return auroc(y_true, p)
+    return metric_fn(headline)(y_true, p.argmax(axis=1))
+
+
+def bootstrap_interval(y_true: np.ndarray, proba: np.ndarray, headline: str, *, groups: Any = None,
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, int] | None:
+    """Percentile bootstrap interval of the headline metric over test images, resampling whole
+    groups (patients) with replacement where ``groups`` are given; seeded locally.
+
+    Returns (low, high, replicates used) or None when fewer than half the replicates define the
+    metric (e.g. AUROC on resamples with one class). The interval covers resampling the test
+    set from the same population, with the fitted model held fixed.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(proba)
+    n = len(y)
+    if n_boot < 1 or n < 2:
+        return None
+    if groups is None or all(g is None for g in groups):
+        gid = np.arange(n)
+    else:
+        keys = [f"#{i}" if g is None else str(g) for i, g in enumerate(groups)]
+        _, gid = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    order = np.argsort(gid, kind="stable")
+    counts = np.bincount(gid)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng([seed, 0xB0075])
+    values = []
+    for _ in range(n_boot):
+        draw = rng.integers(0, len(counts), len(counts))
+        sizes = counts[draw]
+        offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        rows = order[np.repeat(starts[draw], sizes) + offsets]
+        values.append(headline_value(y[rows], p[rows], headline))
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < n_boot / 2:
+        return None
+    tail = 100.0 * (1.0 - level) / 2.0
+    return float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail)), int(len(v))
+
+
+def test_report(y_true: np.ndarray, proba: np.ndarray, headline: str, *, groups: Any = None, n_boot: int = 1000,
+                seed: int = 0) -> tuple[dict[str, float], float | None, dict[str, Any], list[str]]:
+    """Test metrics of a many-shot protocol with their uncertainty: every metric, ``test_n``,
+    and the bootstrap interval of the headline (``ci95_low``/``ci95_high``; the returned
+    half-width is half the interval). Returns (metrics, half-width or None, details, warnings)."""
+    metrics, warns = classification_metrics(y_true, proba, headline)
+    metrics["test_n"] = float(len(y_true))
+    unit = "image" if groups is None or all(g is None for g in groups) else "patient"
+    interval = bootstrap_interval(y_true, proba, headline, groups=groups, n_boot=n_boot, seed=seed)
+    details: dict[str, Any] = {"replicates": n_boot, "unit": unit, "level": 0.95, "seed": seed,
+                               "covers": "resampling the test set with the fitted model held fixed"}
+    if interval is None:
+        if n_boot > 0:
+            warns.append(f"no bootstrap interval for {headline}: undefined on too many resamples")
+        return metrics, None, dict(details, interval=None), warns
+    lo, hi, used = interval
+    metrics["ci95_low"], metrics["ci95_high"] = lo, hi
+    return metrics, (hi - lo) / 2.0, dict(details, interval=[lo, hi], replicates_used=used), warns

@@ -22,16 +22,31 @@ class SplitIndices:
                 "val_source": self.val_source}
 
 
-def carve_validation(labels: np.ndarray, fraction: float, seed: int, stratified: bool) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(labels: np.ndarray, fraction: float, seed: int, stratified: bool,
+                     keys: list[str] | None = None, generator: str = "default") -> tuple[np.ndarray, np.ndarray]:
     """Split positions ``0..len(labels)-1`` into (fit, val) with a local generator.
 
     Non-stratified: a random ``round(fraction * n)`` subset (the authors drew a random 20% of
     train with numpy seed 0). Stratified: ``round(fraction * n_c)`` of every class, at least
     one per class with two or more images, so every class with data is in both parts.
+    ``keys`` (each row's identity, e.g. its path): rows are taken in key order before the
+    seeded draw, so the carve does not depend on the order the rows come in.
+    ``generator="legacy"`` (``--compat paper``): the authors' ``numpy.random.RandomState(seed)``
+    permutation of the rows in the order given, first ``round(fraction * n)`` to validation.
     """
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"validation fraction must be in (0, 1), got {fraction}")
+    if keys is not None:
+        order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+        fit, val = carve_validation(np.asarray(labels)[order], fraction, seed, stratified)
+        return np.sort(order[fit]), np.sort(order[val])
     n = len(labels)
+    if generator == "legacy":
+        perm = np.random.RandomState(seed).permutation(n)
+        n_val = int(round(fraction * n))
+        if n_val == 0 or n_val == n:
+            raise UsageError(f"cannot carve a {fraction:.0%} validation split from {n} training rows")
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
     rng = np.random.default_rng(seed)
     if not stratified:
         perm = rng.permutation(n)
@@ -57,8 +72,10 @@ def carve_validation(labels: np.ndarray, fraction: float, seed: int, stratified:
 
 
 def many_shot_splits(splits: np.ndarray, labels: np.ndarray, *, val_fraction: float, val_seed: int,
-                     stratified: bool, what: str = "dataset") -> SplitIndices:
-    """The dataset's own train/val/test, carving a seeded validation set from train when absent."""
+                     stratified: bool, what: str = "dataset", keys: list[str] | None = None,
+                     generator: str = "default") -> SplitIndices:
+    """The dataset's own train/val/test, carving a seeded validation set from train when absent
+    (in the order of the rows' ``keys`` when given: see :func:`carve_validation`)."""
     splits = np.asarray(splits).astype(str)
     train = np.flatnonzero(splits == "train")
     val = np.flatnonzero(splits == "val")
@@ -73,5 +90,7 @@ def many_shot_splits(splits: np.ndarray, labels: np.ndarray, *, val_fraction: fl
         raise UsageError(f"{what} has no 'train' split")
     if val.size:
         return SplitIndices(train, val, test, "dataset")
-    fit_pos, val_pos = carve_validation(np.asarray(labels)[train], val_fraction, val_seed, stratified)
+    train_keys = None if keys is None or generator == "legacy" else [keys[i] for i in train]
+    fit_pos, val_pos = carve_validation(np.asarray(labels)[train], val_fraction, val_seed, stratified, train_keys,
+                                        generator)
     return SplitIndices(train[fit_pos], train[val_pos], test, "carved")
