@@ -143,7 +143,8 @@ def test_summary_and_every_table_state_settings_pool_weights_and_data(tmp_path):
     assert summary == (run / "report" / "summary.md").read_text()
     table = (run / "report" / "table_fewshot.md").read_text()
     for text in (summary, table):
-        rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if line.startswith("| ")}
+        section = text.split("Few-shot accuracy (%)")[1].split("\n## ")[0]
+        rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| ")}
         assert "2-way 20-shot, 15 queries, 600 episodes" in rows["episodes"]
         assert "72 images; smallest class 36 ⚠ barely larger than shots + queries" in rows["pool"]
         assert "600 images; smallest class 300 |" in rows["pool"]

@@ -75,7 +75,10 @@ def _params(r: Result) -> Any:
     from medxfer.protocols.fewshot import FewShotParams
 
     names = {f.name for f in fields(FewShotParams)}
-    return FewShotParams(**{k: v for k, v in r.params.items() if k in names})
+    values = {k: v for k, v in r.params.items() if k in names}
+    if isinstance(values.get("pool_splits"), list):  # a tuple before JSON
+        values["pool_splits"] = tuple(values["pool_splits"])
+    return FewShotParams(**values)
 
 
 def _groups(records: list[Any], pool: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray | None, str]:

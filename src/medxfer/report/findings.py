@@ -23,6 +23,7 @@ from medxfer.report.stats import (
     VERDICT_WORSE,
     AcrossDatasets,
     DatasetComparison,
+    StatsInputError,
     compare_across_datasets,
     compare_with_best,
 )
@@ -38,7 +39,7 @@ POOL_WARN_FACTOR = 2.0
 INVARIANCE_METRICS = ("rotation", "hflip", "hue", "multiview")
 LPIPS_METRICS = ("lpips_alex", "lpips_squeeze", "lpips_vgg", "lpips_mean")
 DIFFUSION = "attentive_diffusion"
-NON_SCORES = {"ci95", "n", "images", "n_images", "episodes", "test_n", "seconds"}
+NON_SCORES = {"ci95", "ci95_low", "ci95_high", "n", "images", "n_images", "episodes", "test_n", "seconds"}
 
 
 def _is_score_name(name: str) -> bool:
@@ -126,9 +127,12 @@ def pool_facts(r: Result) -> PoolFacts:
     train = {c: int(counts.get("train", {}).get(c, 0)) for c in classes} if counts else {}
     pool_images = _int(d.get("pool_images"))
     pool_size = p.get("pool_size")
+    pool_splits = p.get("pool_splits")
     per_class: dict[str, int] = {}
     exact = True
-    if total and pool_size is None:
+    if total and pool_size is None and pool_splits:
+        per_class = {c: sum(int(counts.get(s, {}).get(c, 0)) for s in pool_splits) for c in classes}
+    elif total and pool_size is None:
         per_class = total
     elif train and pool_size is not None and pool_size >= sum(train.values()):
         per_class = train
@@ -211,7 +215,11 @@ def fewshot_pairs(coll: Collection, table: str, results: list[Result]) -> list[F
             out.append(FewShotPairs(table, ds, seed, per_model, None, unpaired,
                                     "models recorded different numbers of episodes", pool, sha))
             continue
-        comp = compare_with_best(acc, dataset=ds, alpha=ALPHA)
+        try:
+            comp = compare_with_best(acc, dataset=ds, alpha=ALPHA)
+        except StatsInputError as exc:  # e.g. accuracies outside [0, 1] in a hand-made result
+            out.append(FewShotPairs(table, ds, seed, per_model, None, unpaired, f"cannot compare: {exc}", pool, sha))
+            continue
         out.append(FewShotPairs(table, ds, seed, {m: per_model[m] for m in per_model}, comp, unpaired, None,
                                 pool, sha))
     return out

@@ -93,6 +93,15 @@ def provenance(coll: Collection, f: Findings) -> dict[str, Any]:
             "tables": tables, "cache_dir": info.get("cache_dir"), "results": len(coll.results)}
 
 
+def _across_statements(coll: Collection, f: Findings) -> list[tuple[str, str]]:
+    """(tables, statement) with the tables that share a statement named together."""
+    grouped: dict[str, list[str]] = {}
+    for name, a in f.across.items():
+        text = a.result.statement if a.result is not None else f"not computed: {a.reason}."
+        grouped.setdefault(text, []).append(coll.table_title(name).lower())
+    return [(", ".join(names), text) for text, names in grouped.items()]
+
+
 def render_html(coll: Collection, f: Findings, *, answer: Table | None, tables: list[Table],
                 stats_tables: list[Table], figures: list[PageFigure], files: list[str]) -> str:
     """The page (a string); nothing in it depends on the time it was made."""
@@ -104,5 +113,5 @@ def render_html(coll: Collection, f: Findings, *, answer: Table | None, tables: 
         files=files, prov=provenance(coll, f),
         random_models=[coll.model_label(m) for m in coll.models if coll.random_weights(m)],
         synthetic_datasets=[coll.dataset_label(d) for d in coll.datasets if coll.synthetic(d)],
-        across=[(name, a) for name, a in f.across.items()],
+        across=_across_statements(coll, f),
     )

@@ -238,8 +238,12 @@ def manyshot_table(coll: Collection, name: str, results: list[Result], metric: s
 
     def cell(m: str, d: str) -> Cell:
         nonlocal edge
-        c = fmt_value(grid.get((m, d)))
+        v = grid.get((m, d))
+        c = fmt_value(v)
         r = by_cell.get((m, d))
+        lo, hi = (r.metrics.get("ci95_low"), r.metrics.get("ci95_high")) if r is not None else (None, None)
+        if metric is None and v is not None and v.seeds == 1 and isinstance(lo, float) and isinstance(hi, float):
+            c = Cell(f"{v.value:.2f} [{lo:.2f}, {hi:.2f}]", v.value)  # the bootstrap interval, not symmetric
         if r is not None and metric is None and r.details.get("c_at_grid_edge"):
             edge = True
             return Cell(c.text, c.value, c.rank, "‡")
@@ -252,8 +256,9 @@ def manyshot_table(coll: Collection, name: str, results: list[Result], metric: s
     metric_row = [_metric_name(metric or results_metric(results, d)) for d in datasets]
     if metric is None:
         has_ci = any(r.headline.ci95 is not None for r in results)
-        notes = [("± is the protocol's 95% interval for each model over the test set; it is not a test of the "
-                  "difference between two models (they share the test images).") if has_ci else
+        notes = [("[low, high] (or ±) is the protocol's bootstrap 95% interval of each model's score over the test "
+                  "images (patients where known), the fitted model held fixed; it is not a test of the difference "
+                  "between two models, which share the test images.") if has_ci else
                  "No interval: one test split per model (a many-shot number is one fit, scored once)."]
         title = f"{PROTOCOL_TITLES.get(proto, proto)} (%), many-shot (like the paper's Table 4)"
         slug = "table_" + slugify(name)
@@ -359,7 +364,7 @@ def paired_table(coll: Collection, f: Findings, name: str) -> Table | None:
     rows = []
     boot_any = False
     for p in f.pairs.get(name, []):
-        dl = coll.dataset_label(p.dataset)
+        dl = coll.dataset_label(p.dataset) + (" [SYNTHETIC]" if coll.synthetic(p.dataset) else "")
         if p.comparison is None:
             rows.append(Row(p.dataset, dl, [Cell(DASH), Cell(DASH), Cell(p.reason or DASH)] + [Cell("")] * 5))
             continue
@@ -375,11 +380,12 @@ def paired_table(coll: Collection, f: Findings, name: str) -> Table | None:
             elif r.verdict == VERDICT_BEST and b.get("accuracy"):
                 boot_any = True
                 btext = f"accuracy [{b['accuracy']['low']:.2f}, {b['accuracy']['high']:.2f}]"
+            tag = f" [{RANDOM_TAG}]" if coll.random_weights(r.model) else ""
             if r.verdict == VERDICT_BEST:
-                cells = [Cell(coll.model_label(r.model)), Cell(f"{r.accuracy:.2f}", r.accuracy), Cell("best"),
+                cells = [Cell(coll.model_label(r.model) + tag), Cell(f"{r.accuracy:.2f}", r.accuracy), Cell("best"),
                          Cell(DASH), Cell(DASH), Cell(DASH), Cell(DASH), Cell(btext)]
             else:
-                cells = [Cell(coll.model_label(r.model) + (f" [{RANDOM_TAG}]" if coll.random_weights(r.model) else "")),
+                cells = [Cell(coll.model_label(r.model) + tag),
                          Cell(f"{r.accuracy:.2f}", r.accuracy),
                          Cell(r.verdict if r.verdict == VERDICT_WORSE else "not sig. different"),
                          Cell(f"{r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", r.difference),
@@ -440,10 +446,11 @@ def across_table(coll: Collection, f: Findings, name: str) -> Table | None:
              res.statement]
     if a.excluded_models:
         notes.append("Left out (no result on every dataset): " + ", ".join(map(coll.model_label, a.excluded_models)))
+    data = ["", *["SYNTHETIC" if coll.synthetic(d) else "real" for d in res.datasets]]
     return Table(slug="table_ranks_" + slugify(name), title=f"Ranks across datasets: {coll.table_title(name)} (1 = best)",
                  corner="Model",
                  columns=["Mean rank", *[coll.dataset_label(d) for d in res.datasets]], rows=rows, notes=notes,
-                 marked=False, kind="stats", column_keys=["mean_rank", *res.datasets])
+                 facts=[("data", data)], marked=False, kind="stats", column_keys=["mean_rank", *res.datasets])
 
 
 def answer_table(coll: Collection, f: Findings) -> Table | None:
