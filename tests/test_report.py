@@ -271,3 +271,36 @@ def test_cli_report_prints_the_files_it_wrote(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert main(["report", str(run), "--bootstrap", "1"]) == 2
+
+
+def test_gram_scoring_gives_the_protocols_episode_accuracies():
+    from medxfer.protocols.fewshot import episode_accuracies, sample_episodes
+    from medxfer.report.bootstrap import gram_accuracies
+    from medxfer.report.stats import PoolResampler
+
+    rng = np.random.default_rng(7)
+    for k, per_class, dim in ((2, 36, 256), (5, 60, 64)):
+        labels = np.repeat(np.arange(k), per_class)
+        x = (rng.normal(size=(len(labels), dim)) + 0.3 * labels[:, None]).astype(np.float32)
+        pool = np.arange(len(labels))
+        gram = x.astype(np.float64) @ x.astype(np.float64).T
+        for ix in (pool, PoolResampler(pool, strata=labels).draw(rng)):  # the pool, and a resampled one
+            eps, _ = sample_episodes(labels, k, 20, 15, 200, seed=3, pool=ix)
+            want = episode_accuracies(x, eps)
+            assert np.array_equal(gram_accuracies(gram, pool, eps), want) and 0.2 < want.mean() < 1.0
+
+
+def test_answer_names_models_whose_generalisation_interval_includes_zero():
+    from medxfer.report.findings import compute
+    from medxfer.report.tables import answer_table, to_markdown
+
+    rng = np.random.default_rng(8)
+    base = np.clip(rng.normal(0.8, 0.05, 300), 0, 1)
+    results = [_fewshot(m, "d1", _episodes(rng, base, shift)) for m, shift in (("a", 0.0), ("b", -0.05), ("c", -0.1))]
+    f = compute(Collection.of(results))
+    (pairs,) = f.pairs["fewshot"]
+    assert [r.verdict for r in pairs.comparison.rows] == ["best", "worse", "worse"]
+    pairs.bootstrap = {"models": {"b": {"difference": {"low": -9.0, "high": 0.4}},
+                                  "c": {"difference": {"low": -15.0, "high": -4.0}}}}
+    md = to_markdown(answer_table(f.coll, f))
+    assert "none (2 worse); the generalisation interval of the difference includes 0 for b |" in md

@@ -469,7 +469,7 @@ def answer_table(coll: Collection, f: Findings) -> Table | None:
     by = {(a.table, a.dataset): a for a in f.answers}
     datasets = [d for d in coll.datasets if any((t, d) in by for t in tables)]
     rows = []
-    flagged = False
+    flagged = boot_note = False
     for d in datasets:
         cells = []
         for t in tables:
@@ -485,6 +485,14 @@ def answer_table(coll: Collection, f: Findings) -> Table | None:
                 else:
                     same = ", ".join(map(coll.model_label, a.same)) or "none"
                     tail = f" ({len(a.worse)} worse)" if a.worse else ""
+                    pp = f.pair(t, d)
+                    boot = (pp.bootstrap or {}).get("models", {}) if pp is not None else {}
+                    spans = [m for m in a.worse if (iv := boot.get(m, {}).get("difference"))
+                             and iv["low"] <= 0.0 <= iv["high"]]
+                    if spans:
+                        boot_note = True
+                        tail += (f"; the generalisation interval of the difference includes 0 for "
+                                 f"{', '.join(map(coll.model_label, spans))}")
                     cells.append(Cell(same + tail, float(len(a.same))))
         warn = any(a.warnings for t in tables if (a := by.get((t, d))) is not None)
         flagged = flagged or warn
@@ -501,6 +509,9 @@ def answer_table(coll: Collection, f: Findings) -> Table | None:
     single = [coll.dataset_label(a.dataset) for a in f.answers if a.basis.startswith("one model only")]
     if single:
         notes.append(f"One model only on {', '.join(dict.fromkeys(single))}: nothing to compare it with.")
+    if boot_note:
+        notes.append("Generalisation interval (--bootstrap): the same episodes re-run on resampled pools; where it "
+                     "includes 0, a new set of images could reverse the order the paired test sees on these images.")
     if flagged:
         notes.append("⚠ the few-shot pool is barely larger than shots + queries per class (see the warning below).")
     return Table(slug="table_answer", title="The best model per dataset, and which others are not significantly "
@@ -627,9 +638,12 @@ def summary_markdown(results: list[Result], findings: Findings | None = None, re
     ans = answer_table(coll, f)
     if ans is not None:
         lines.append(to_markdown(ans))
+    tables = build_tables(coll, f)
+    in_tables = {n for t in tables for n in t.notes}
     for w in f.warnings:
-        lines += [f"⚠ {w}", ""]
-    for t in build_tables(coll, f):
+        if f"⚠ {w}" not in in_tables:  # the pool warnings are under their table already
+            lines += [f"⚠ {w}", ""]
+    for t in tables:
         lines.append(to_markdown(t))
     for t in stats_tables(coll, f):
         lines.append(to_markdown(t))
