@@ -21,7 +21,8 @@ BUDGET_S = 10.0
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=2, help="builds to time (the best is reported)")
-    ap.add_argument("--keep", help="write the run here and keep it (default: a temporary folder)")
+    ap.add_argument("--keep", help="write the run here and keep it, or reuse it if it is there (default: a "
+                    "temporary folder)")
     args = ap.parse_args()
 
     from medxfer.report.build import build_report
@@ -31,7 +32,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.keep or tmp) / "paper-grid"
         t0 = time.perf_counter()
-        write_fake_paper_run(run)
+        if not (run / "results").is_dir():  # a kept grid is reused
+            write_fake_paper_run(run)
         n = len(list((run / "results").glob("*.json")))
         print(f"fabricated {n} result JSONs in {time.perf_counter() - t0:.1f} s ({run})")
         walls, cpus = [], []

@@ -19,7 +19,7 @@ from typing import Any
 
 from medxfer.cache import write_text_atomic
 from medxfer.report.collect import Collection, collect
-from medxfer.report.figures import Figure, build_figures
+from medxfer.report.figures import Figure, build_figures, figure_style
 from medxfer.report.figures_stats import save_figure
 from medxfer.report.findings import ALPHA, POOL_WARN_FACTOR, Findings, compute
 from medxfer.report.html import PageFigure, render_html
@@ -131,8 +131,9 @@ def build_report(run_dir: Path | str, *, bootstrap: int = 0, bootstrap_seed: int
     stabs = stats_tables(coll, f)
     answer = answer_table(coll, f)
     all_tables: list[Table] = ([answer] if answer else []) + tables + stabs
-    figures = build_figures(coll, f)
-    page_figs = _save_figures(figures, out)
+    with figure_style():
+        figures = build_figures(coll, f)
+        page_figs = _save_figures(figures, out)
     for g in page_figs:
         if g.png is not None and g.svg is not None:
             written += [f"figures/{g.png.name}", f"figures/{g.svg.name}"]

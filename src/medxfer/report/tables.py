@@ -603,7 +603,7 @@ def to_latex(t: Table) -> str:
             lines.append(" & ".join([r"\textit{" + latex_escape(label) + "}", *[latex_escape(v) for v in vals]])
                          + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {n}" for n in t.notes]
+    lines += ["% " + n.replace("**", "").replace("`", "") for n in t.notes]
     return "\n".join(lines) + "\n"
 
 
