@@ -19,7 +19,7 @@ from typing import Any
 
 from medxfer.cache import write_text_atomic
 from medxfer.report.collect import Collection, collect
-from medxfer.report.figures import Figure, build_figures, figure_style
+from medxfer.report.figures import FIGURE_DPI, Figure, build_figures, figure_style
 from medxfer.report.figures_stats import save_figure
 from medxfer.report.findings import ALPHA, POOL_WARN_FACTOR, Findings, compute
 from medxfer.report.html import PageFigure, render_html
@@ -39,7 +39,6 @@ from medxfer.report.tables import (
 log = logging.getLogger(__name__)
 
 STATS_SCHEMA = "medxfer.report-stats/1"
-FIGURE_DPI = 130  # about 1300 px across a 10-inch figure: sharp in the page, quick to write
 
 
 @dataclass

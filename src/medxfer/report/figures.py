@@ -46,6 +46,7 @@ FAMILY_COLOURS = {"self-supervised": "#0072B2", "supervised": "#E69F00", "domain
 OTHER_COLOUR = "#999999"
 DOMAIN_COLOURS = {"in-domain": "#CC79A7", "out-of-domain": "#56B4E9"}
 THUMB = 96  # pixels of an image in a grid
+FIGURE_DPI = 130  # of the PNGs: about 1300 px across a 10-inch figure, sharp in the page, quick to write
 #: Style every report figure is built and saved under: a fixed title height spares matplotlib
 #: a search of the axes' tick labels for every title at every draw (no figure puts ticks on top
 #: of a titled axes).
@@ -322,9 +323,9 @@ def correlation_figures(coll: Collection, f: Findings) -> list[Figure]:
                     xs = np.array([min(c.x), max(c.x)])
                     ax.plot(xs, c.slope * xs + c.intercept, color=colour, lw=1.0, zorder=2)
                     p = f"p = {c.p:.2g}" if c.p >= 1e-4 else "p < 1e-4"
-                    lines.append(f"{t}: r = {c.r:+.2f}, {p}")
+                    lines.append(f"{coll.table_title(t)}: r = {c.r:+.2f}, {p}")
                 else:
-                    lines.append(f"{t}: n = {c.n}, no r")
+                    lines.append(f"{coll.table_title(t)}: n = {c.n}, no r")
                     missing.append(f"{t}, {coll.dataset_label(d)}: r needs 3 or more models with varying values")
             ax.set_title(coll.dataset_label(d), fontsize=FONT, loc="left")
             ax.annotate("\n".join(lines), xy=(0.0, 0.0), xycoords="axes fraction", xytext=(0, -20),
@@ -336,7 +337,8 @@ def correlation_figures(coll: Collection, f: Findings) -> list[Figure]:
                 ax.set_ylabel("transfer score", fontsize=FONT - 1)
         for i in range(len(datasets), nrows * ncols):
             axes[i // ncols, i % ncols].set_axis_off()
-        handles = [Line2D([], [], marker=styles[t][0], color=styles[t][1], ls="-", label=t) for t in transfer]
+        handles = [Line2D([], [], marker=styles[t][0], color=styles[t][1], ls="-", label=coll.table_title(t))
+                   for t in transfer]
         fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, fontsize=FONT - 1)
         fig.text(0.5, 0.1 / height, xv.label, ha="center", va="bottom", fontsize=FONT)
         fig.subplots_adjust(top=1 - top / height, bottom=bottom / height, hspace=gap / panel_h, wspace=0.3,
@@ -424,7 +426,7 @@ def image_grid(coll: Collection, protocol: str, slug: str, title: str, caption: 
             found += 1
     if not found:
         return Figure(slug, title, caption, None, missing or [f"no {protocol} images"])
-    inch = 0.95 / step  # inches per mosaic pixel
+    inch = 1.0 / FIGURE_DPI  # one mosaic pixel per PNG pixel: drawn without resampling
     label_w, top = 1.9, 0.8
     W = label_w + mosaic.shape[1] * inch + 1.0  # room for the last, slanted dataset name
     H = top + mosaic.shape[0] * inch + 0.15
