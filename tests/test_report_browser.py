@@ -86,7 +86,7 @@ def test_report_page_of_a_fabricated_grid(browser, tmp_path):
     report = build_report(run)
     facts = check_report_page(browser, report.folder, artifacts_dir() / "report-fabricated-grid.png")
     expected = {"fig2_family_scaled", "fig3_selfsupervised_boxes", "fig4_domain_by_family", "fig5_domain_specific",
-                "fig7_vs_attentive_diffusion", "figA_vs_invariance_rotation", "figA_vs_perceptual_distance",
+                "fig7_vs_attentive_diffusion", "figA_vs_invariance", "figA_vs_perceptual_distance",
                 "figA_vs_imagenet_top1", "fig9_diffusion_by_family", "fig6_saliency_grid",
                 "figA5_reconstruction_grid", "figcd_fewshot", "figforest_fewshot_bach"}
     assert expected <= set(facts["figures"])

@@ -34,7 +34,7 @@ from PIL import Image
 from medxfer.errors import UsageError
 from medxfer.report.collect import FAMILIES, Collection
 from medxfer.report.figures_stats import cd_diagram, forest_plot
-from medxfer.report.findings import Findings, by_family_and_domain, family_means
+from medxfer.report.findings import Correlation, Findings, by_family_and_domain, family_means
 from medxfer.report.stats import AcrossDatasets, DatasetComparison
 from medxfer.report.tables import slugify
 from medxfer.results import Result
@@ -276,9 +276,15 @@ PROTOCOL_STYLE = {"fewshot": ("o", "#0072B2"), "linear": ("s", "#E69F00"), "fine
 EXTRA_STYLES = [("D", "#CC79A7"), ("v", "#D55E00"), ("P", "#56B4E9")]
 
 
+SERIES_STYLES = [("o", "#0072B2"), ("s", "#E69F00"), ("^", "#009E73"), ("D", "#CC79A7"), ("v", "#D55E00"),
+                 ("P", "#56B4E9")]
+
+
 def correlation_figures(coll: Collection, f: Findings) -> list[Figure]:
-    """Transfer score against each analysis value: one panel per dataset, one marker and line
-    per transfer table, with Pearson r, p and the least-squares line."""
+    """Transfer score against each analysis value, one panel per dataset with Pearson r, p and
+    the least-squares line per series: the transfer protocols for attentive diffusion,
+    perceptual distance and ImageNet top-1; the transform families for invariance (against the
+    first transfer protocol, few-shot when there is one; every other pairing is in stats.json)."""
     out = []
     transfer = coll.transfer_tables()
     styles = {}
@@ -288,63 +294,80 @@ def correlation_figures(coll: Collection, f: Findings) -> list[Figure]:
     for what in f.xvars_missing:
         name = what.split(" (")[0]
         out.append(Figure(f"figA_vs_{slugify(name)}", f"Transfer against {name}", "", None, [what]))
+    if not transfer:
+        return out
+    invariance = [xv for xv in f.xvars if xv.slug.startswith("invariance_")]
     for xv in f.xvars:
-        slug, like = CORRELATION_TITLES.get(xv.slug, (f"figA_vs_{xv.slug}", "like the paper's Figures A1-A4"))
-        title = f"Transfer against {xv.title} ({like})"
-        caption = (f"One point per model and transfer protocol; per protocol the least-squares line, Pearson r and "
-                   f"its two-sided p over the models of each dataset. x: {xv.label}.")
-        datasets = [d for d in coll.datasets if any(f.correlations[xv.slug][t].get(d) is not None
-                                                    and f.correlations[xv.slug][t][d].n >= MIN_POINTS
-                                                    for t in transfer)]
-        if not datasets:
-            out.append(Figure(slug, title, caption, None, [f"no dataset has {MIN_POINTS} or more models with both a "
-                                                           f"transfer result and {xv.title}"]))
+        if xv in invariance:
             continue
-        ncols = min(4, len(datasets))
-        nrows = math.ceil(len(datasets) / ncols)
-        panel_h, lines_h = 1.75, 0.13 * len(transfer)
-        below = 0.3 + lines_h  # tick labels, then one line of r and p per transfer table
-        gap = below + 0.4  # and the next row's title
-        top, bottom = 0.5, below + 0.4  # legend; the x label
-        height = top + nrows * panel_h + (nrows - 1) * gap + bottom
-        fig = MplFigure(figsize=(2.7 * ncols + 0.5, height))
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        missing = []
-        for i, d in enumerate(datasets):
-            ax = axes[i // ncols, i % ncols]
-            lines = []
-            for t in transfer:
-                c = f.correlations[xv.slug][t].get(d)
-                if c is None or c.n == 0:
-                    continue
-                marker, colour = styles[t]
-                ax.scatter(c.x, c.y, s=13, marker=marker, color=colour, zorder=3, linewidths=0)
-                if c.slope is not None:
-                    xs = np.array([min(c.x), max(c.x)])
-                    ax.plot(xs, c.slope * xs + c.intercept, color=colour, lw=1.0, zorder=2)
-                    p = f"p = {c.p:.2g}" if c.p >= 1e-4 else "p < 1e-4"
-                    lines.append(f"{coll.table_title(t)}: r = {c.r:+.2f}, {p}")
-                else:
-                    lines.append(f"{coll.table_title(t)}: n = {c.n}, no r")
-                    missing.append(f"{t}, {coll.dataset_label(d)}: r needs 3 or more models with varying values")
-            ax.set_title(coll.dataset_label(d), fontsize=FONT, loc="left")
-            ax.annotate("\n".join(lines), xy=(0.0, 0.0), xycoords="axes fraction", xytext=(0, -20),
-                        textcoords="offset points", ha="left", va="top", fontsize=FONT - 2, color="0.2")
-            _style(ax)
-            ax.tick_params(labelsize=FONT - 2)
-            ax.locator_params(nbins=3)
-            if i % ncols == 0:
-                ax.set_ylabel("transfer score", fontsize=FONT - 1)
-        for i in range(len(datasets), nrows * ncols):
-            axes[i // ncols, i % ncols].set_axis_off()
-        handles = [Line2D([], [], marker=styles[t][0], color=styles[t][1], ls="-", label=coll.table_title(t))
-                   for t in transfer]
-        fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, fontsize=FONT - 1)
-        fig.text(0.5, 0.1 / height, xv.label, ha="center", va="bottom", fontsize=FONT)
-        fig.subplots_adjust(top=1 - top / height, bottom=bottom / height, hspace=gap / panel_h, wspace=0.3,
-                            left=0.07, right=0.99)
-        out.append(Figure(slug, title, caption, fig, missing))
+        slug, like = CORRELATION_TITLES.get(xv.slug, (f"figA_vs_{xv.slug}", "like the paper's Figures A1-A4"))
+        series = [(coll.table_title(t), styles[t], f.correlations[xv.slug][t]) for t in transfer]
+        out.append(_correlation_figure(
+            coll, slug, f"Transfer against {xv.title} ({like})",
+            "One point per model and transfer protocol; per protocol the least-squares line, Pearson r and its "
+            f"two-sided p over the models of each dataset. x: {xv.label}.", xv.label, xv.title, series))
+    if invariance:
+        y = next(iter(transfer))
+        series = [(xv.title.removesuffix(" invariance"), SERIES_STYLES[i % len(SERIES_STYLES)],
+                   f.correlations[xv.slug][y]) for i, xv in enumerate(invariance)]
+        out.append(_correlation_figure(
+            coll, "figA_vs_invariance", f"{coll.table_title(y)} against invariance (like the paper's Figures A1-A4)",
+            f"One point per model and transform family; per family the least-squares line, Pearson r and its "
+            f"two-sided p over the models of each dataset. y: {coll.table_title(y).lower()} score; the other "
+            "protocols' correlations are in stats.json.", "invariance (mean whitened cosine similarity)",
+            "invariance", series, ylabel=f"{coll.table_title(y).lower()} score"))
     return out
+
+
+def _correlation_figure(coll: Collection, slug: str, title: str, caption: str, xlabel: str, what: str,
+                        series: list[tuple[str, tuple[str, str], dict[str, Correlation]]],
+                        ylabel: str = "transfer score") -> Figure:
+    datasets = [d for d in coll.datasets if any(c.get(d) is not None and c[d].n >= MIN_POINTS for _, _, c in series)]
+    if not datasets:
+        return Figure(slug, title, caption, None, [f"no dataset has {MIN_POINTS} or more models with both a "
+                                                   f"transfer result and {what}"])
+    ncols = min(4, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    panel_h, lines_h = 1.75, 0.13 * len(series)
+    below = 0.3 + lines_h  # tick labels, then one line of r and p per series
+    gap = below + 0.4  # and the next row's title
+    top, bottom = 0.5, below + 0.4  # legend; the x label
+    height = top + nrows * panel_h + (nrows - 1) * gap + bottom
+    fig = MplFigure(figsize=(2.7 * ncols + 0.5, height))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    missing = []
+    for i, d in enumerate(datasets):
+        ax = axes[i // ncols, i % ncols]
+        lines = []
+        for label, (marker, colour), per in series:
+            c = per.get(d)
+            if c is None or c.n == 0:
+                continue
+            ax.scatter(c.x, c.y, s=13, marker=marker, color=colour, zorder=3, linewidths=0)
+            if c.slope is not None:
+                xs = np.array([min(c.x), max(c.x)])
+                ax.plot(xs, c.slope * xs + c.intercept, color=colour, lw=1.0, zorder=2)
+                p = f"p = {c.p:.2g}" if c.p >= 1e-4 else "p < 1e-4"
+                lines.append(f"{label}: r = {c.r:+.2f}, {p}")
+            else:
+                lines.append(f"{label}: n = {c.n}, no r")
+                missing.append(f"{label}, {coll.dataset_label(d)}: r needs 3 or more models with varying values")
+        ax.set_title(coll.dataset_label(d), fontsize=FONT, loc="left")
+        ax.annotate("\n".join(lines), xy=(0.0, 0.0), xycoords="axes fraction", xytext=(0, -20),
+                    textcoords="offset points", ha="left", va="top", fontsize=FONT - 2, color="0.2")
+        _style(ax)
+        ax.tick_params(labelsize=FONT - 2)
+        ax.locator_params(nbins=3)
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel, fontsize=FONT - 1)
+    for i in range(len(datasets), nrows * ncols):
+        axes[i // ncols, i % ncols].set_axis_off()
+    handles = [Line2D([], [], marker=m, color=c, ls="-", label=label) for label, (m, c), _ in series]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, fontsize=FONT - 1)
+    fig.text(0.5, 0.1 / height, xlabel, ha="center", va="bottom", fontsize=FONT)
+    fig.subplots_adjust(top=1 - top / height, bottom=bottom / height, hspace=gap / panel_h, wspace=0.3,
+                        left=0.07, right=0.99)
+    return Figure(slug, title, caption, fig, missing)
 
 
 def figure9(coll: Collection, f: Findings) -> Figure:
