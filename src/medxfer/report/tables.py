@@ -285,7 +285,7 @@ def results_metric(results: list[Result], dataset: str) -> str:
 
 
 def _metric_name(metric: str) -> str:
-    return metric.replace("_", " ")
+    return "AUROC" if metric == "auroc" else metric.replace("_", " ")
 
 
 def analysis_tables(coll: Collection) -> list[Table]:
