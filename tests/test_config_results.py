@@ -85,9 +85,10 @@ def test_summary_marks_best_and_second_and_random_weights():
     results = [_result("a", "d1", 70.0, 1.0), _result("b", "d1", 80.0, 1.0), _result("c", "d1", 60.0, 1.0),
                _result("a", "d2", 50.0, 2.0)]
     md = summary_markdown(results)
-    assert "**80.00 ± 1.00**" in md and "_70.00 ± 1.00_" in md and "| c | 60.00 ± 1.00 |" in md
+    assert "**80.00 ± 1.00**" in md and "<u>70.00 ± 1.00</u>" in md and "| c [random weights] | 60.00 ± 1.00 |" in md
     assert "RANDOMLY INITIALISED" in md
-    assert "\\textbf{80.00 $\\pm$ 1.00}" in latex_table(results, "fewshot")
+    tex = latex_table(results, "fewshot")
+    assert "\\textbf{80.00 $\\pm$ 1.00}" in tex and "\\underline{70.00 $\\pm$ 1.00}" in tex
     assert results_csv(results).splitlines()[0].startswith("model,dataset,protocol,table,seed")
 
 
@@ -109,7 +110,8 @@ def test_paired_difference_and_section():
     r1 = fake_result("a", "d1", 70.0, 1.0, episode_accuracies=[0.7, 0.6, 0.8])
     r2 = fake_result("b", "d1", 80.0, 1.0, episode_accuracies=[0.8, 0.8, 0.8])
     md = summary_markdown([r1, r2])
-    assert "paired against the best" in md and "| d1 | a | b | -10.00 ± 11.32 |" in md
+    # a against b (the best) on the same three episodes: -10 points, t interval, Holm over one comparison
+    assert "every model against the best" in md and "| d1 | a [random weights] | 70.00 | not sig. different | -10.00 [" in md
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -121,7 +121,9 @@ def test_cli_run_validate_ls(tmp_path, capsys):
         assert main(["ls", what, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)
     assert main(["report", str(out)]) == 0
-    assert (out / "results.csv").is_file() and list(out.glob("table_fewshot*.tex"))
+    printed = capsys.readouterr().out
+    assert (out / "report" / "results.csv").is_file() and list((out / "report").glob("table_fewshot*.tex"))
+    assert str(out / "report" / "report.html") in printed and str(out / "report" / "stats.json") in printed
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -26,6 +26,7 @@ class RunOutcome:
     outcomes: list[CellOutcome] = field(default_factory=list)
     summary_path: Path | None = None
     summary: str = ""
+    report_path: Path | None = None  # report/report.html
 
     @property
     def results(self) -> list[Result]:
@@ -61,9 +62,11 @@ def run(spec: RunSpec, progress: bool | None = None) -> RunOutcome:
 
 
 def finish(spec: RunSpec, session: Session, outcomes: list[CellOutcome]) -> RunOutcome:
-    """Record the run and write the summary of every result in the run folder (this run's and
-    earlier ones); a run that produced no result leaves nothing behind."""
-    from medxfer.report.tables import summary_markdown
+    """Record the run, write the report of every result in the run folder (this run's and
+    earlier ones: ``report/``, see :func:`medxfer.report.build.build_report`) and the summary;
+    a run that produced no result leaves nothing behind."""
+    from medxfer.report.build import build_report
+    from medxfer.report.collect import Collection, read_run_info
 
     outcome = RunOutcome(out=session.out, outcomes=outcomes)
     results = load_results(session.results_dir) if session.results_dir.is_dir() else []
@@ -75,7 +78,9 @@ def finish(spec: RunSpec, session: Session, outcomes: list[CellOutcome]) -> RunO
         "cells": [{"cell": o.cell.id, "status": o.status, "error": o.error,
                    "run_key": o.result.run_key if o.result is not None else None} for o in outcomes],
     })
-    outcome.summary = summary_markdown(results)
+    report = build_report(session.out, collection=Collection.of(results, session.out, read_run_info(session.out)))
+    outcome.summary = report.summary
+    outcome.report_path = report.html
     outcome.summary_path = session.out / "summary.md"
     write_text_atomic(outcome.summary_path, outcome.summary)
     return outcome

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         note = " (RANDOM weights: no pretrained weights in the cache; run `medxfer fetch " + m + "` online)" \
             if w.startswith("random") else ""
         print(f"Weights of {m}: {w}{note}")
-    print(f"Report: {outcome.summary_path}  (result JSONs in {out / 'results'})")
+    print(f"Summary: {outcome.summary_path}  (result JSONs in {out / 'results'})")
+    if outcome.report_path is not None:
+        print(f"Report: {outcome.report_path}  (open it in a browser; tables, figures and stats.json beside it)")
     print(f"Demo finished in {time.perf_counter() - t0:.1f} s.", file=sys.stderr)
     return status
 

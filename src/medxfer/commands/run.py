@@ -137,6 +137,7 @@ def report_outcome(outcome: Any) -> int:
     if outcome.summary:
         print(outcome.summary)
     where = (f"; results in {outcome.out / 'results'}, summary in {outcome.summary_path}"
+             + (f", report in {outcome.report_path}" if outcome.report_path else "")
              if outcome.summary_path else "; nothing was written")
     print(f"computed {len(outcome.computed)} cell(s), reused {len(outcome.reused)}, failed "
           f"{len(outcome.failed)}{where}", file=sys.stderr)

@@ -24,7 +24,7 @@ from medxfer.typed import setting
 
 CLASSES = ("Normal", "Benign", "InSitu", "Invasive")
 INFO = DatasetInfo(
-    name="bach", task="multiclass", class_names=CLASSES, modality="histology", in_domain=False,
+    name="bach", display_name="BACH", task="multiclass", class_names=CLASSES, modality="histology", in_domain=False,
     expected_images=400, licence="CC BY-NC-ND 4.0",
     citation=("Aresta G, Araujo T, Kwok S, et al. BACH: Grand challenge on breast cancer histology "
               "images. Medical Image Analysis 56 (2019) 122-139."),

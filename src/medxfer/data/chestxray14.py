@@ -32,7 +32,7 @@ FINDINGS = frozenset(CLASSES) | {"Consolidation", "Edema", "Emphysema", "Fibrosi
                                  "Pleural_Thickening", "Pneumonia", "No Finding"}
 ENTRY_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 INFO = DatasetInfo(
-    name="chestx-ray14", task="multiclass", class_names=CLASSES, modality="chest-xray", in_domain=True,
+    name="chestx-ray14", display_name="ChestX-ray14", task="multiclass", class_names=CLASSES, modality="chest-xray", in_domain=True,
     expected_images=112120, licence="NIH Clinical Center public release (no restrictions; cite and acknowledge)",
     citation=("Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale chest X-ray "
               "database and benchmarks on weakly-supervised classification and localization of common "

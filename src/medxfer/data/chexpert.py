@@ -49,7 +49,7 @@ UNCERTAIN = {"u_ones": 1, "u_zeros": 0, "ignore": None}
 STUDY = re.compile(r"(patient\d+)/(study\d+)/")
 
 INFO = DatasetInfo(
-    name="chexpert", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
+    name="chexpert", display_name="CheXpert", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
     expected_images=224316, licence="Stanford University CheXpert Dataset Research Use Agreement",
     citation=("Irvin J, Rajpurkar P, Ko M, et al. CheXpert: A large chest radiograph dataset with "
               "uncertainty labels and expert comparison. AAAI 2019."),

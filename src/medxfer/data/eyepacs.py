@@ -28,7 +28,7 @@ from medxfer.typed import setting
 
 CLASSES = ("0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative DR")
 INFO = DatasetInfo(
-    name="eyepacs", task="multiclass", class_names=CLASSES, modality="fundus", in_domain=False,
+    name="eyepacs", display_name="EyePACS", task="multiclass", class_names=CLASSES, modality="fundus", in_domain=False,
     expected_images=35126, licence="Kaggle competition rules (non-commercial research use)",
     citation=("Cuadros J, Bresnick G. EyePACS: an adaptable telemedicine system for diabetic retinopathy "
               "screening. J Diabetes Sci Technol. 2009;3(3):509-516. Kaggle Diabetic Retinopathy "

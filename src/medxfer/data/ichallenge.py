@@ -33,14 +33,14 @@ from medxfer.typed import setting
 PM_CLASSES = {"pm_vs_rest": ("non-PM", "PM"), "normal_vs_rest": ("normal", "myopia")}
 PM_LETTER = {"pm_vs_rest": {"P": 1, "H": 0, "N": 0}, "normal_vs_rest": {"P": 1, "H": 1, "N": 0}}
 PM_INFO = DatasetInfo(
-    name="ichallenge-pm", task="binary", class_names=PM_CLASSES["pm_vs_rest"], modality="fundus",
+    name="ichallenge-pm", display_name="iChallenge-PM", task="binary", class_names=PM_CLASSES["pm_vs_rest"], modality="fundus",
     in_domain=False, expected_images=400, licence="iChallenge PALM challenge terms (research use)",
     citation=("Fu H, Li F, Orlando JI, Bogunovic H, Sun X, Liao J, Xu Y, Zhang S, Zhang X. "
               "PALM: PAthoLogic Myopia Challenge. IEEE Dataport, 2019. doi:10.21227/55pk-8z03"),
     fewshot_way=2, fewshot_splits=("train",),  # the paper's few-shot pool: the 400 training images
     layout="the folder holding PALM-Training400/ (and PALM-Validation400/ + labels)")
 AMD_INFO = DatasetInfo(
-    name="ichallenge-amd", task="binary", class_names=("Non-AMD", "AMD"), modality="fundus",
+    name="ichallenge-amd", display_name="iChallenge-AMD", task="binary", class_names=("Non-AMD", "AMD"), modality="fundus",
     in_domain=False, expected_images=400, licence="iChallenge ADAM challenge terms (research use)",
     citation=("Fu H, Li F, Orlando JI, Bogunovic H, Sun X, Liao J, Xu Y, Zhang S, Zhang X. "
               "ADAM: Automatic Detection challenge on Age-related Macular degeneration. IEEE Dataport, "

@@ -106,11 +106,11 @@ def _loader(name: str, top: str, prefix: str):
 
 INFOS = {
     "shenzhen": DatasetInfo(
-        name="shenzhen", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
+        name="shenzhen", display_name="Shenzhen-CXR", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
         expected_images=662, licence=LICENCE, citation=CITATION, fewshot_way=2,
         layout="ChinaSet_AllFiles/ (with CXR_png/CHNCXR_0001_0.png ...)"),
     "montgomery": DatasetInfo(
-        name="montgomery", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
+        name="montgomery", display_name="Montgomery-CXR", task="binary", class_names=CLASSES, modality="chest-xray", in_domain=True,
         expected_images=138, licence=LICENCE, citation=CITATION, fewshot_way=2,
         layout="MontgomerySet/ (with CXR_png/MCUCXR_0001_0.png ...)"),
 }

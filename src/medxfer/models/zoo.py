@@ -30,9 +30,9 @@ def _torchvision(name: str, arch: str, file: str, top1: float, **kw: object) -> 
 def _mimic(lr: str) -> ModelSpec:
     file = f"mimic-chexpert_lr_{lr}_bs_128_fd_128_qs_65536.pt"
     return ModelSpec(
-        name=f"mimic-chexpert-lr{lr}", arch="densenet121", family="domain-specific",
-        normalization="histeq-covidprognosis", urls=(FB + "CovidPrognosis/pretrained_models/" + file,),
-        filename=file,
+        name=f"mimic-chexpert-lr{lr}", display_name=f"MIMIC-CheXpert (lr={lr})", arch="densenet121",
+        family="domain-specific", normalization="histeq-covidprognosis",
+        urls=(FB + "CovidPrognosis/pretrained_models/" + file,), filename=file,
         fmt="lightning", prefix="model.encoder_q.", drop=("classifier.",), licence=MIMIC_LICENCE,
         citation=MIMIC_CITATION, in_paper=True,
         notes=f"MoCo (lr {lr}) on MIMIC-CXR + CheXpert; Lightning checkpoint; input through CovidPrognosis's "
@@ -40,9 +40,9 @@ def _mimic(lr: str) -> ModelSpec:
     )
 
 
-def _moco_cxr(name: str, arch: str, file: str, head: str) -> ModelSpec:
+def _moco_cxr(name: str, display_name: str, arch: str, file: str, head: str) -> ModelSpec:
     return ModelSpec(
-        name=name, arch=arch, family="domain-specific",
+        name=name, display_name=display_name, arch=arch, family="domain-specific",
         urls=("https://storage.googleapis.com/moco-cxr/" + file,), filename=file, fmt="moco",
         prefix="module.encoder_q.", drop=(head,), licence=MOCO_CXR_LICENCE, citation=MOCO_CXR_CITATION,
         in_paper=True, notes="MoCo on CheXpert; ImageNet normalisation as the paper used "
@@ -52,19 +52,19 @@ def _moco_cxr(name: str, arch: str, file: str, head: str) -> ModelSpec:
 
 PAPER = (
     _torchvision("supervised-r50", "resnet50", "resnet50-0676ba61.pth", 76.13,
-                 drop=("fc.",), imagenet_top1_paper=77.2, citation=TORCHVISION_CITATION,
+                 display_name="Supervised (R50)", drop=("fc.",), imagenet_top1_paper=77.2, citation=TORCHVISION_CITATION,
                  aliases=("resnet50", "supervised", "r50"), in_paper=True,
                  notes="torchvision ResNet50_Weights.IMAGENET1K_V1 (not DEFAULT, which is V2)"),
     _torchvision("supervised-r18", "resnet18", "resnet18-f37072fd.pth", 69.76,
-                 drop=("fc.",), imagenet_top1_paper=72.12, citation=TORCHVISION_CITATION,
+                 display_name="Supervised (R18)", drop=("fc.",), imagenet_top1_paper=72.12, citation=TORCHVISION_CITATION,
                  aliases=("resnet18", "r18"), in_paper=True, notes="torchvision ResNet18_Weights.IMAGENET1K_V1"),
     _torchvision("supervised-d121", "densenet121", "densenet121-a639ec97.pth", 74.43,
-                 drop=("classifier.",), imagenet_top1_paper=74.98,
+                 display_name="Supervised (D121)", drop=("classifier.",), imagenet_top1_paper=74.98,
                  citation="Huang et al., Densely Connected Convolutional Networks, CVPR 2017 / torchvision",
                  aliases=("densenet121", "d121"), in_paper=True,
                  notes="torchvision DenseNet121_Weights.IMAGENET1K_V1 (legacy key names remapped)"),
     ModelSpec(
-        name="simclr-v1", arch="resnet50", family="self-supervised", normalization="none",
+        name="simclr-v1", display_name="SimCLR-v1", arch="resnet50", family="self-supervised", normalization="none",
         filename="resnet50-1x.pth", fmt="simclr-converted", drop=("fc.",), imagenet_top1=69.3,
         licence="Apache-2.0 (google-research/simclr)",
         citation="Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020",
@@ -75,7 +75,7 @@ PAPER = (
                     "(python convert.py ResNet50_1x/model.ckpt-225206 resnet50-1x.pth)"),
     ),
     ModelSpec(
-        name="moco-v2", arch="resnet50", family="self-supervised",
+        name="moco-v2", display_name="MoCo-v2", arch="resnet50", family="self-supervised",
         urls=(FB + "moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",),
         filename="moco_v2_800ep_pretrain.pth.tar", hash_prefix="a04e12f8", hash_algo="md5", fmt="moco",
         prefix="module.encoder_q.", drop=("fc.",), imagenet_top1=71.1, licence=CC_BY_NC,
@@ -83,7 +83,7 @@ PAPER = (
         aliases=("moco", "mocov2"), in_paper=True, notes="800 epochs; query encoder, MLP head dropped",
     ),
     ModelSpec(
-        name="pirl", arch="resnet50", family="self-supervised", filename="PIRL.pth",
+        name="pirl", display_name="PIRL", arch="resnet50", family="self-supervised", filename="PIRL.pth",
         fmt="pycontrast", prefix="module.encoder.", drop=("head.", "head_jig."), imagenet_top1=61.7,
         licence="not stated by PyContrast (research use; check before redistribution)",
         citation=("Misra & van der Maaten, Self-Supervised Learning of Pretext-Invariant Representations, "
@@ -93,7 +93,7 @@ PAPER = (
                     "github.com/HobbitLong/PyContrast/blob/master/pycontrast/docs/MODEL_ZOO.md)"),
     ),
     ModelSpec(
-        name="swav", arch="resnet50", family="self-supervised",
+        name="swav", display_name="SwAV", arch="resnet50", family="self-supervised",
         urls=(FB + "deepcluster/swav_800ep_pretrain.pth.tar",), filename="swav_800ep_pretrain.pth.tar",
         fmt="swav", prefix="module.", drop=("projection_head.", "prototypes."), imagenet_top1=75.3,
         licence=CC_BY_NC,
@@ -102,7 +102,7 @@ PAPER = (
         in_paper=True, notes="800 epochs, multi-crop",
     ),
     ModelSpec(
-        name="byol", arch="resnet50", family="self-supervised",
+        name="byol", display_name="BYOL", arch="resnet50", family="self-supervised",
         urls=("https://storage.googleapis.com/deepmind-byol/checkpoints/pretrain_res50x1.pkl",),
         filename="pretrain_res50x1.pkl", fmt="byol-haiku", prefix="res_net50/~/", drop=("logits",),
         imagenet_top1=74.3, licence=CC_BY_NC,
@@ -113,13 +113,13 @@ PAPER = (
     _mimic("0.01"),
     _mimic("0.1"),
     _mimic("1.0"),
-    _moco_cxr("moco-cxr-r18", "resnet18", "r8w-00001.pth.tar", "fc."),
-    _moco_cxr("moco-cxr-d121", "densenet121", "d1w-00001.pth.tar", "classifier."),
+    _moco_cxr("moco-cxr-r18", "MoCo-CXR (R18)", "resnet18", "r8w-00001.pth.tar", "fc."),
+    _moco_cxr("moco-cxr-d121", "MoCo-CXR (D121)", "densenet121", "d1w-00001.pth.tar", "classifier."),
 )
 
 VARIANTS = tuple(
     ModelSpec(
-        name=f"{s.name}-native", arch=s.arch, family=s.family,
+        name=f"{s.name}-native", display_name=f"{s.label[:-1]}, CheXpert norm.)", arch=s.arch, family=s.family,
         normalization="chexpert", licence=s.licence, citation=s.citation, base=s.name,
         notes=f"{s.name} weights with MoCo-CXR's native CheXpert statistics (mean 0.5020, std 0.085585)",
     )
@@ -128,19 +128,21 @@ VARIANTS = tuple(
 
 BEYOND = (
     _torchvision("supervised-r50-v2", "resnet50", "resnet50-11ad3fa6.pth", 80.858, drop=("fc.",),
+                 display_name="Supervised (R50, V2 weights)",
                  citation=TORCHVISION_CITATION, notes="torchvision ResNet50_Weights.IMAGENET1K_V2 (= DEFAULT)"),
     _torchvision("supervised-vit-b16", "vit_b_16", "vit_b_16-c867db91.pth", 81.072, drop=("heads.",),
+                 display_name="Supervised (ViT-B/16)",
                  citation="Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 / torchvision",
                  notes="torchvision ViT_B_16_Weights.IMAGENET1K_V1; CLS-token features"),
     ModelSpec(
-        name="dino-r50", arch="resnet50", family="self-supervised",
+        name="dino-r50", display_name="DINO (R50)", arch="resnet50", family="self-supervised",
         urls=(FB + "dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",),
         filename="dino_resnet50_pretrain.pth", fmt="swav", drop=("fc.",), imagenet_top1=75.3,
         licence="Apache-2.0 (facebookresearch/dino)",
         citation="Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021",
     ),
     ModelSpec(
-        name="barlowtwins-r50", arch="resnet50", family="self-supervised",
+        name="barlowtwins-r50", display_name="Barlow Twins (R50)", arch="resnet50", family="self-supervised",
         urls=(FB + "barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth",),
         filename="barlowtwins_resnet50.pth", fmt="swav", drop=("fc.",), imagenet_top1=73.2,
         licence="MIT (facebookresearch/barlowtwins)",
@@ -148,21 +150,21 @@ BEYOND = (
         aliases=("barlowtwins",),
     ),
     ModelSpec(
-        name="vicreg-r50", arch="resnet50", family="self-supervised",
+        name="vicreg-r50", display_name="VICReg (R50)", arch="resnet50", family="self-supervised",
         urls=(FB + "vicreg/resnet50.pth",), filename="vicreg_resnet50.pth", fmt="swav", drop=("fc.",),
         imagenet_top1=73.2, licence="MIT (facebookresearch/vicreg)",
         citation="Bardes et al., VICReg: Variance-Invariance-Covariance Regularization, ICLR 2022",
         aliases=("vicreg",),
     ),
     ModelSpec(
-        name="dinov2-vits14", arch="dinov2_vits14", family="self-supervised",
+        name="dinov2-vits14", display_name="DINOv2 (ViT-S/14)", arch="dinov2_vits14", family="self-supervised",
         urls=(FB + "dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",), filename="dinov2_vits14_pretrain.pth",
         fmt="dinov2", drop=("mask_token",), imagenet_top1=81.1, licence="Apache-2.0 (facebookresearch/dinov2)",
         citation="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
         notes="ViT-S/14, CLS token; position embeddings interpolated to the input grid",
     ),
     ModelSpec(
-        name="dinov2-vitb14", arch="dinov2_vitb14", family="self-supervised",
+        name="dinov2-vitb14", display_name="DINOv2 (ViT-B/14)", arch="dinov2_vitb14", family="self-supervised",
         urls=(FB + "dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",), filename="dinov2_vitb14_pretrain.pth",
         fmt="dinov2", drop=("mask_token",), imagenet_top1=84.5, licence="Apache-2.0 (facebookresearch/dinov2)",
         citation="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",

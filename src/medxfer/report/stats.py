@@ -15,7 +15,8 @@ Three kinds of question, each answered by a function returning a dataclass whose
   diagram, and the Nemenyi critical difference (Demšar 2006), with a plain statement when
   there are too few datasets for any pair to be significant.
 
-:func:`paired_difference` (paired z test) is the older helper behind the Markdown summary.
+:func:`paired_difference` (paired z test) is the older two-model helper, kept for callers; the
+report (summary.md, tables, report.html, stats.json) uses :func:`compare_with_best`.
 """
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ def _json_safe(value: Any) -> Any:
         v = float(value)
         return v if math.isfinite(v) else None
     return value
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON containers and numbers, NaN and infinities as ``None``."""
+    return _json_safe(value)
 
 
 class _ToDict:
