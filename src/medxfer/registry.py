@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Generic, TypeVar
 
@@ -25,9 +25,11 @@ __all__ = ["Registry", "UnknownNameError"]
 class Registry(Generic[T]):
     """Name -> object mapping with aliases, helpful errors and entry-point plugins."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None,
+                 discover: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self._discover = discover  # registers the built-in entries on first lookup (keeps imports light)
         self._items: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
         self._plugins_loaded = False
@@ -58,9 +60,13 @@ class Registry(Generic[T]):
         return self._items.pop(key)
 
     def _load_plugins(self) -> None:
-        if self._plugins_loaded or self.entry_point_group is None:
+        if self._plugins_loaded:
             return
         self._plugins_loaded = True
+        if self._discover is not None:
+            self._discover()
+        if self.entry_point_group is None:
+            return
         for ep in metadata.entry_points(group=self.entry_point_group):
             try:
                 hook = ep.load()

@@ -134,7 +134,23 @@ class Protocol:
         self.make_params(values)
 
 
-PROTOCOLS: Registry[Protocol] = Registry("protocol", "medxfer.protocols")
+def _discover_builtin() -> None:
+    """Import every public module of :mod:`medxfer.protocols` and :mod:`medxfer.analysis` so their
+    ``register_protocol`` calls run (on the first lookup: ``import medxfer.protocols`` stays light)."""
+    import importlib
+    import pkgutil
+
+    for package in ("medxfer.protocols", "medxfer.analysis"):
+        try:
+            pkg = importlib.import_module(package)
+        except ModuleNotFoundError:
+            continue
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_") and mod.name != "base":
+                importlib.import_module(f"{package}.{mod.name}")
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol", "medxfer.protocols", discover=_discover_builtin)
 
 
 def register_protocol(protocol: Protocol, aliases: tuple[str, ...] = ()) -> Protocol:
