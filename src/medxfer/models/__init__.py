@@ -1,5 +1,6 @@
 """Backbones: specs (the zoo), checkpoint conversion, normalisation, loading."""
 from medxfer.models import formats as _formats  # noqa: F401  (registers the checkpoint formats)
+from medxfer.models import foundation as _foundation  # noqa: F401  (the medical foundation models' formats)
 from medxfer.models import zoo as _zoo  # noqa: F401  (registers the built-in specs)
 from medxfer.models.backbone import (
     ARCHS,
