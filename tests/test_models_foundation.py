@@ -112,3 +112,9 @@ def test_foundation_specs_carry_licence_citation_and_preprocessing() -> None:
         s = MODELS.get(name)
         assert s.family == "domain-specific" and s.normalization == norm and s.licence and s.citation and s.notes
         assert s.urls or s.fetch_hint
+
+
+def test_every_spec_normalises_to_its_architectures_input_channels() -> None:
+    x = torch.randint(0, 256, (1, 3, 28, 28), dtype=torch.uint8)
+    for name, spec in MODELS.items():
+        assert NORMALIZATIONS.get(spec.normalization)(x).shape[1] == ARCHS.get(spec.arch).in_channels, name

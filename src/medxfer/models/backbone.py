@@ -39,13 +39,15 @@ POOLED = "pooled"
 @dataclass(frozen=True)
 class Arch:
     """One architecture: ``build()`` a headless trunk (forward -> B x ``feature_dim``), its
-    ``stages`` (name, channels) in order, and ``run_to(trunk, x, stage)`` -> that stage's map."""
+    ``stages`` (name, channels) in order, ``run_to(trunk, x, stage)`` -> that stage's map, and
+    the channels its input has (3; 1 for torchxrayvision's DenseNet)."""
 
     name: str
     build: TrunkBuilder
     feature_dim: int
     stages: tuple[tuple[str, int], ...]
     run_to: StageRunner
+    in_channels: int = 3
 
     def stage_channels(self, stage: str) -> int:
         for name, channels in self.stages:
@@ -201,7 +203,7 @@ register_arch(Arch("dinov2_vitb14", dinov2_vitb14, 768, (("tokens", 768),), _din
 register_arch(Arch("dinov2_vitl16", dinov2_vitl16, 1024, (("tokens", 1024),), _dino_vit_run_to))
 register_arch(Arch("mae_vitl16", mae_vitl16, 1024, (("tokens", 1024),), _dino_vit_run_to))
 register_arch(Arch("densenet121_1ch", _densenet_1ch(torchvision.models.densenet121), 1024,
-                   _densenet_stages((6, 12, 24, 16)), _densenet_run_to))
+                   _densenet_stages((6, 12, 24, 16)), _densenet_run_to, in_channels=1))
 
 
 def build_trunk(arch: str, seed: int | None = None) -> nn.Module:
