@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps "lightly>=1.5"  # medxfer[pretrain] without its unused deps: torch/torchvision stay as they are
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,5 @@
-"""Every registered architecture maps normalised B x 3 x 224 x 224 input to B x D features."""
+"""Every registered architecture maps normalised B x C x 224 x 224 input (C its declared input
+channels: 3, or 1 for torchxrayvision's DenseNet) to B x D features."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ def test_arch_contract_on_meta_device(arch: str) -> None:
     a = ARCHS.get(arch)
     with torch.device("meta"):
         trunk = a.build()
-        x = torch.empty(2, 3, 224, 224)
+        x = torch.empty(2, a.in_channels, 224, 224)
         out = trunk(x)
         maps = {stage: a.run_to(trunk, x, stage) for stage, _ in a.stages}
     assert tuple(out.shape) == (2, a.feature_dim)

@@ -239,24 +239,113 @@ def fab_dinov2(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
     return _save({**sd, "mask_token": torch.zeros(1, ARCHS.get(spec.arch).feature_dim)}, tmp / spec.filename)
 
 
+def timm_to_hf_dinov2(sd: SD) -> SD:
+    """Invert the documented HuggingFace Dinov2Model mapping (transformers' modeling_dinov2 names)."""
+    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    inner = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2"}
+    out: SD = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v.clone()
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", k)
+        assert m, k
+        i, mod, leaf = m.groups()
+        base = f"encoder.layer.{i}."
+        if mod == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"{base}attention.attention.{name}.{leaf}"] = part.clone()
+        elif mod in ("ls1", "ls2"):
+            out[f"{base}layer_scale{mod[-1]}.lambda1"] = v.clone()
+        else:
+            out[f"{base}{inner[mod]}.{leaf}"] = v.clone()
+    return out
+
+
+def fab_hf_dinov2(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
+    """The hub's model.safetensors of a Dinov2Model (RAD-DINO, Phikon-v2): HF names, a mask token."""
+    from safetensors.torch import save_file
+
+    hf = timm_to_hf_dinov2(sd)
+    assert "encoder.layer.0.attention.attention.query.weight" in hf and "encoder.layer.0.layer_scale1.lambda1" in hf
+    hf["embeddings.mask_token"] = torch.zeros(1, ARCHS.get(spec.arch).feature_dim)
+    path = tmp / spec.filename
+    save_file(hf, str(path))
+    return path
+
+
+def fab_mae(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
+    """An MAE pretraining checkpoint (RETFound_cfp_weights.pth): encoder + decoder under 'model',
+    optimiser, epoch, loss scaler and the argparse Namespace of its run."""
+    d = ARCHS.get(spec.arch).feature_dim
+    g = torch.Generator().manual_seed(21)
+    dec = 32  # the real decoder is 512-d, 8 blocks: only its names matter here
+    decoder = {"mask_token": torch.randn(1, 1, dec, generator=g), "decoder_pos_embed": torch.randn(1, 5, dec, generator=g),
+               **_linear("decoder_embed.", dec, d, 22), "decoder_norm.weight": torch.ones(dec),
+               "decoder_norm.bias": torch.zeros(dec), **_linear("decoder_pred.", 16 * 16 * 3, dec, 23),
+               **_linear("decoder_blocks.0.attn.qkv.", 3 * dec, dec, 24), "decoder_blocks.0.norm1.weight": torch.ones(dec)}
+    ckpt = {"model": {**sd, **decoder}, "optimizer": _optimizer_state(), "epoch": 799,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                       "_growth_tracker": 0},
+            "args": argparse.Namespace(model="mae_vit_large_patch16", mask_ratio=0.75, norm_pix_loss=True,
+                                       data_path="/data/fundus", blr=1.5e-4)}
+    path = _save(ckpt, tmp / spec.filename)
+    with pytest.raises(pickle.UnpicklingError):  # the Namespace needs the restricted unpickler
+        torch.load(path, weights_only=True)
+    return path
+
+
+def fab_xrv_pickle(spec: ModelSpec, sd: SD, tmp: Path) -> Path:
+    """torch.save(model) of a torchxrayvision.models.DenseNet: the module classes pickled by
+    reference (torchxrayvision.models.DenseNet, _DenseBlock, _DenseLayer, _Transition and
+    torch.nn's), the 18-pathology classifier, a None op_threshs buffer, 1-channel conv0."""
+    model = build_trunk(spec.arch)
+    model.classifier = torch.nn.Linear(1024, 18)
+    model.register_buffer("op_threshs", None)
+    full = {**sd, **_linear("classifier.", 18, 1024, 25)}
+    model.load_state_dict(full)
+    classes: dict[str, type] = {}
+    for tv_name in ("DenseNet", "_DenseBlock", "_DenseLayer", "_Transition"):
+        base = next(type(m) for m in model.modules() if type(m).__name__ == tv_name)
+        classes[tv_name] = type(tv_name, (base,), {})
+    with fake_module("torchxrayvision.models", **classes):
+        for mod in model.modules():
+            cls = classes.get(type(mod).__name__)
+            if cls is not None:
+                mod.__class__ = cls
+        path = tmp / spec.filename
+        torch.save(model, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    return path
+
+
 FABRICATORS: dict[str, Callable[[ModelSpec, SD, Path], Path]] = {
     "torchvision": fab_torchvision, "simclr-converted": fab_simclr_converted, "moco": fab_moco,
     "pycontrast": fab_pycontrast, "swav": fab_swav, "lightning": fab_lightning, "byol-haiku": fab_byol_haiku,
-    "dinov2": fab_dinov2,
+    "dinov2": fab_dinov2, "hf-dinov2": fab_hf_dinov2, "mae": fab_mae, "xrv-pickle": fab_xrv_pickle,
 }
-ZOO = [n for n, s in MODELS.items() if s.base is None and s.fmt in FABRICATORS and s.path is None]
+LARGE_ARCHS = ("dinov2_vitl16", "mae_vitl16")  # ViT-L: 1.2 GB per copy, exercised in the slow suite
+ZOO = [pytest.param(n, marks=pytest.mark.slow) if s.arch in LARGE_ARCHS else n
+       for n, s in MODELS.items() if s.base is None and s.fmt in FABRICATORS and s.path is None]
+ZOO_NAMES = [n for n, s in MODELS.items() if s.base is None and s.fmt in FABRICATORS and s.path is None]
 
 
 def test_every_downloadable_spec_has_a_fabricator() -> None:
     untested = [n for n, s in MODELS.items() if s.base is None and s.fmt not in ("none",) and s.fmt not in FABRICATORS
                 and s.path is None]
     assert untested == []
-    assert {n for n, s in MODELS.items() if s.in_paper} <= set(ZOO)
+    assert {n for n, s in MODELS.items() if s.in_paper} <= set(ZOO_NAMES)
+    assert {"xrv-densenet121-all", "rad-dino", "retfound-mae", "phikon-v2"} <= set(ZOO_NAMES)
     assert len([n for n, s in MODELS.items() if s.in_paper]) == 13
 
 
 def _input_size(arch: str) -> int:
-    return {"vit_b_16": 224, "dinov2_vits14": 28, "dinov2_vitb14": 28}.get(arch, 32)
+    return {"vit_b_16": 224, "dinov2_vits14": 28, "dinov2_vitb14": 28}.get(arch, 32)  # ViT-L/16s: 32 = 2 x 2 patches
 
 
 @pytest.mark.parametrize("name", ZOO)

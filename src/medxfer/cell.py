@@ -474,11 +474,13 @@ def build_result(cell: Cell, ctx: CellContext, proto: Protocol, key: str, ev: Ev
     ds = ctx.dataset
     m = ctx.model
     s = m.spec
+    from medxfer.models.pretrained import pretraining_facts
+
     model_facts = ModelFacts(
         name=m.name, display_name=s.label, arch=s.arch, family=s.family, imagenet_top1=s.imagenet_top1,
         normalization=m.normalization.name, weights=m.weights, weights_hash=m.weights_hash,
         fingerprint=m.fingerprint, random_weights=m.is_random, feature_dim=m.feature_dim, licence=s.licence,
-        in_paper=s.in_paper)
+        in_paper=s.in_paper, parent=s.parent, pretraining=pretraining_facts(s))
     problems = list(ds.problems) + list(ctx.prepared_problems)
     info = ds.info
     dataset_facts = DatasetFacts(

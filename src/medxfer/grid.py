@@ -79,9 +79,10 @@ def build_cells(spec: RunSpec) -> list[Cell]:
     they select (e.g. the paper's finetune batch 16 for DenseNet-121); they are part of the
     cell's parameters and run key, not of its variant (its file name and table)."""
     from medxfer.data.registry import dataset_options
-    from medxfer.models import resolve_model_arg
+    from medxfer.models import register_pretrained, resolve_model_arg
     from medxfer.protocols import PROTOCOLS
 
+    register_pretrained(spec.cache_dir)  # models `medxfer pretrain` made in this run's cache
     models = [resolve_model_arg(m) for m in spec.models]
     protocols = [PROTOCOLS.get(p) for p in spec.protocols]
     for arg in spec.datasets:

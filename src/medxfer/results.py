@@ -47,6 +47,8 @@ class ModelFacts:
     feature_dim: int
     licence: str
     in_paper: bool = False
+    parent: str | None = None  # in-domain pretrained models: the model they continued from
+    pretraining: dict[str, Any] | None = None  # method, steps, data, loss curve (medxfer pretrain)
 
 
 @dataclass(frozen=True)

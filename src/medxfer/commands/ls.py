@@ -23,8 +23,9 @@ def settings_rows(cls: type) -> list[dict[str, Any]]:
 
 
 def _models(cache_dir: str | None) -> list[dict[str, Any]]:
-    from medxfer.models import MODELS, is_cached
+    from medxfer.models import MODELS, is_cached, register_pretrained
 
+    register_pretrained(cache_dir)
     rows = []
     for name, spec in MODELS.items():
         rows.append({
@@ -33,7 +34,11 @@ def _models(cache_dir: str | None) -> list[dict[str, Any]]:
             "imagenet_top1": spec.imagenet_top1, "imagenet_top1_paper": spec.imagenet_top1_paper,
             "in_paper": spec.in_paper, "licence": spec.licence,
             "cached": bool(spec.urls or spec.fmt != "none") and is_cached(spec, cache_dir),
-            "source": spec.urls[0] if spec.urls else (getattr(spec, "fetch_hint", "") or spec.path or ""),
+            "source": spec.urls[0] if spec.urls else (spec.fetch_hint or spec.path or spec.weights_file or ""),
+            "parent": spec.parent, "method": spec.extra.get("method"), "steps": spec.extra.get("steps"),
+            "data_fingerprint": spec.extra.get("data_fingerprint"),
+            "pretraining": (f"{spec.extra['method']} x{spec.extra['steps']} from {spec.parent} on data "
+                            f"{spec.extra['data_fingerprint']}" if spec.parent and "method" in spec.extra else ""),
         })
     return rows
 
@@ -65,7 +70,8 @@ def _protocols(cache_dir: str | None = None) -> list[dict[str, Any]]:
 
 LISTERS = {"models": _models, "datasets": _datasets, "protocols": _protocols}
 COLUMNS = {
-    "models": ("name", "arch", "family", "feature_dim", "normalization", "imagenet_top1", "cached", "licence"),
+    "models": ("name", "arch", "family", "feature_dim", "normalization", "imagenet_top1", "cached", "licence",
+               "pretraining"),
     "datasets": ("name", "task", "modality", "expected_images", "fewshot", "headline_metric", "layout"),
     "protocols": ("name", "uses", "version", "description"),
 }

@@ -1,5 +1,6 @@
 """Backbones: specs (the zoo), checkpoint conversion, normalisation, loading."""
 from medxfer.models import formats as _formats  # noqa: F401  (registers the checkpoint formats)
+from medxfer.models import foundation as _foundation  # noqa: F401  (the medical foundation models' formats)
 from medxfer.models import zoo as _zoo  # noqa: F401  (registers the built-in specs)
 from medxfer.models.backbone import (
     ARCHS,
@@ -20,10 +21,13 @@ from medxfer.models.fetch import (
 )
 from medxfer.models.fetch import is_cached, weights_path
 from medxfer.models.load import load_model
+from medxfer.models.pretrained import register_cached as register_pretrained
 from medxfer.models.spec import MODELS, ModelSpec, register_model
+
+register_pretrained()  # models made by `medxfer pretrain` in the default cache ($MEDXFER_CACHE)
 
 __all__ = [
     "ARCHS", "Arch", "Backbone", "CheckpointError", "MODELS", "ModelSpec", "UnsafeCheckpointError",
     "WeightsUnavailableError", "assert_eval", "build_trunk", "fetch_weights", "is_cached", "load_model",
-    "load_model_file", "register_arch", "register_model", "resolve_model_arg", "weights_path",
+    "load_model_file", "register_arch", "register_model", "register_pretrained", "resolve_model_arg", "weights_path",
 ]

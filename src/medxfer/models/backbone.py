@@ -28,7 +28,7 @@ from medxfer.cache import content_key
 from medxfer.errors import UsageError
 from medxfer.models.normalize import NORMALIZATIONS
 from medxfer.models.spec import ModelSpec
-from medxfer.models.vit import DinoVisionTransformer, dinov2_vitb14, dinov2_vits14
+from medxfer.models.vit import DinoVisionTransformer, dinov2_vitb14, dinov2_vitl16, dinov2_vits14, mae_vitl16
 from medxfer.registry import Registry
 
 TrunkBuilder = Callable[[], nn.Module]
@@ -39,13 +39,15 @@ POOLED = "pooled"
 @dataclass(frozen=True)
 class Arch:
     """One architecture: ``build()`` a headless trunk (forward -> B x ``feature_dim``), its
-    ``stages`` (name, channels) in order, and ``run_to(trunk, x, stage)`` -> that stage's map."""
+    ``stages`` (name, channels) in order, ``run_to(trunk, x, stage)`` -> that stage's map, and
+    the channels its input has (3; 1 for torchxrayvision's DenseNet)."""
 
     name: str
     build: TrunkBuilder
     feature_dim: int
     stages: tuple[tuple[str, int], ...]
     run_to: StageRunner
+    in_channels: int = 3
 
     def stage_channels(self, stage: str) -> int:
         for name, channels in self.stages:
@@ -98,6 +100,15 @@ def _densenet(factory: Callable[..., nn.Module]) -> TrunkBuilder:
     def build() -> nn.Module:
         m = factory(weights=None)
         m.classifier = nn.Identity()  # forward: features -> relu -> avgpool -> flatten
+        return m
+    return build
+
+
+def _densenet_1ch(factory: Callable[..., nn.Module]) -> TrunkBuilder:
+    """A DenseNet whose first convolution takes one channel (torchxrayvision's models)."""
+    def build() -> nn.Module:
+        m = _densenet(factory)()
+        m.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         return m
     return build
 
@@ -189,6 +200,10 @@ for _name, (_factory, _blocks) in _DENSENETS.items():
 register_arch(Arch("vit_b_16", _torchvision_vit(torchvision.models.vit_b_16), 768, (("tokens", 768),), _tv_vit_run_to))
 register_arch(Arch("dinov2_vits14", dinov2_vits14, 384, (("tokens", 384),), _dino_vit_run_to))
 register_arch(Arch("dinov2_vitb14", dinov2_vitb14, 768, (("tokens", 768),), _dino_vit_run_to))
+register_arch(Arch("dinov2_vitl16", dinov2_vitl16, 1024, (("tokens", 1024),), _dino_vit_run_to))
+register_arch(Arch("mae_vitl16", mae_vitl16, 1024, (("tokens", 1024),), _dino_vit_run_to))
+register_arch(Arch("densenet121_1ch", _densenet_1ch(torchvision.models.densenet121), 1024,
+                   _densenet_stages((6, 12, 24, 16)), _densenet_run_to, in_channels=1))
 
 
 def build_trunk(arch: str, seed: int | None = None) -> nn.Module:

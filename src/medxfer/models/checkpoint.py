@@ -76,6 +76,12 @@ def read_converted(path: str | os.PathLike[str]) -> StateDict:
     return as_state_dict(unwrap(obj, ("state_dict", "model")), str(path))
 
 
+def read_any(path: str | os.PathLike[str]) -> Any:
+    """A ``.safetensors`` file as its tensors, anything else through :func:`read_torch`."""
+    path = Path(path)
+    return read_converted(path) if path.suffix == ".safetensors" else read_torch(path)
+
+
 # ----------------------------------------------------------------------------- pipeline steps
 def unwrap(obj: Any, keys: tuple[str, ...]) -> Any:
     """Descend into the first of ``keys`` that is present (``()`` means the object is flat)."""
@@ -264,6 +270,6 @@ def save_converted(path: str | os.PathLike[str], sd: StateDict, metadata: dict[s
 __all__ = [
     "CONVERTER_VERSION", "CheckpointError", "CheckpointFormat", "FORMATS", "UnsafeCheckpointError",
     "as_state_dict", "convert_checkpoint", "drop_heads", "fix_densenet_legacy", "keep_prefix",
-    "load_trunk_state", "read_converted", "trunk_from_state", "check_state", "read_torch", "register_format",
+    "load_trunk_state", "read_any", "read_converted", "trunk_from_state", "check_state", "read_torch", "register_format",
     "save_converted", "unwrap",
 ]

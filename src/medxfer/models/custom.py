@@ -105,13 +105,15 @@ def resolve_model_arg(text: str) -> str:
 
 
 _YAML_KEYS = {"name", "arch", "checkpoint", "prefix", "format", "drop", "normalization", "family",
-              "licence", "license", "citation", "notes"}
+              "licence", "license", "citation", "notes", "record"}
 
 
 def load_model_file(path: str | os.PathLike[str]) -> list[str]:
     """Register every entry of a YAML file ``models: [{name, arch, checkpoint, ...}]``.
 
-    ``checkpoint`` may be relative to the YAML file. Returns the registered names.
+    ``checkpoint`` may be relative to the YAML file (``.pth``/``.pt`` or ``.safetensors``). An
+    entry ``{record: PATH}`` registers a model made by ``medxfer pretrain`` from its record
+    (``<cache>/pretrained/NAME.json``, its weights beside it in that cache). Returns the names.
     """
     path = Path(path)
     try:
@@ -126,6 +128,18 @@ def load_model_file(path: str | os.PathLike[str]) -> list[str]:
         where = f"{path}: models[{i}]"
         if not isinstance(entry, dict):
             raise UsageError(f"{where}: expected a mapping, got {type(entry).__name__}")
+        if "record" in entry:
+            from medxfer.models.pretrained import register_record
+
+            extra = sorted(set(entry) - {"record", "name"})
+            if extra:
+                raise UsageError(f"{where}: a record entry takes only 'record' (and 'name' to check it), not {extra}")
+            rec = Path(str(entry["record"])).expanduser()
+            spec = register_record(rec if rec.is_absolute() else path.parent / rec)
+            if "name" in entry and str(entry["name"]) != spec.name:
+                raise UsageError(f"{where}: the record is model {spec.name!r}, not {entry['name']!r}")
+            names.append(spec.name)
+            continue
         unknown = sorted(set(entry) - _YAML_KEYS)
         missing = sorted({"name", "arch", "checkpoint"} - set(entry))
         if unknown or missing:

@@ -54,8 +54,11 @@ def weights_key(spec: ModelSpec) -> str:
 
 
 def weights_path(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where the converted, headless state dict of ``spec`` lives in the cache."""
+    """Where the converted, headless state dict of ``spec`` lives in the cache (for weights
+    medxfer wrote itself, ``spec.weights_file``)."""
     s = weights_spec(spec)
+    if s.weights_file:
+        return Path(s.weights_file)
     return resolve_cache_dir(cache_dir) / "weights" / f"{s.name}-{weights_key(s)}.safetensors"
 
 
@@ -152,6 +155,8 @@ def fetch(
     (``verify_hash=False`` skips that, e.g. for a re-hosted copy).
     """
     spec = weights_spec(MODELS.get(name))
+    if spec.weights_file:
+        return _own_weights(spec)
     if spec.fmt not in FORMATS:
         raise WeightsUnavailableError(
             f"{spec.name!r} has no pretrained weights (format {spec.fmt!r}); use `--weights random`"
@@ -195,3 +200,15 @@ def fetch(
         })
     log.info("%s: converted %s -> %s", spec.name, original, out)
     return out
+
+
+def _own_weights(spec: ModelSpec) -> Path:
+    """Weights medxfer wrote (in-domain pretraining): present, and of the recorded SHA-256."""
+    path = Path(str(spec.weights_file))
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights of {spec.name!r} are missing: {path} (its record is {spec.extra.get('record', '?')}); "
+            f"re-run the `medxfer pretrain` that made it, or remove the record")
+    if spec.sha256:
+        verify(path, ExpectedHash(sha256=spec.sha256), f"weights of {spec.name}")
+    return path

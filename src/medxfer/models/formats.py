@@ -5,7 +5,7 @@ to read the file, which container to unwrap and which renaming to apply.
 """
 from __future__ import annotations
 
-from medxfer.models.checkpoint import CheckpointFormat, register_format
+from medxfer.models.checkpoint import CheckpointFormat, read_any, register_format
 from medxfer.models.haiku import extract_byol, haiku_to_torchvision
 from medxfer.models.safe_pickle import load_pickle
 
@@ -24,8 +24,10 @@ FORMATS_BUILTIN = (
     CheckpointFormat("byol-haiku", "BYOL JAX/Haiku pickle (restricted unpickler), online network",
                      read=load_pickle, extract=extract_byol, convert=haiku_to_torchvision),
     CheckpointFormat("dinov2", "DINOv2 backbone state dict (flat, timm-style ViT names)"),
-    CheckpointFormat("auto", "a user's checkpoint: flat or under 'state_dict'/'model'",
-                     unwrap=("state_dict", "model")),
+    CheckpointFormat("auto", "a user's checkpoint (.pth/.pt, or .safetensors): flat or under 'state_dict'/'model'",
+                     read=read_any, unwrap=("state_dict", "model")),
+    CheckpointFormat("safetensors", "a flat headless trunk state dict in safetensors (what medxfer writes)",
+                     read=read_any),
 )
 
 for _fmt in FORMATS_BUILTIN:

@@ -1,7 +1,8 @@
 """Per-model input normalisation, applied on the device to batches of prepared uint8 crops.
 
 Every function takes a uint8 tensor B x C x H x W (C = 1 or 3) and returns float32
-B x 3 x H x W ready for the trunk. Greyscale is stacked to 3 channels.
+B x 3 x H x W ready for the trunk (greyscale stacked to 3 channels), except the one-channel
+torchxrayvision scaling (``xrv``), which returns B x 1 x H x W (colour averaged to grey).
 """
 from __future__ import annotations
 
@@ -148,6 +149,31 @@ register_normalization("histeq-covidprognosis", histogram_equalize_covidprognosi
                        aliases=("histeq-cp",))
 register_normalization("chexpert", _mean_std((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3),
                        float_fn=_mean_std_float((CHEXPERT_MEAN,) * 3, (CHEXPERT_STD,) * 3))
+
+
+XRV_RANGE = 1024.0
+RAD_DINO_MEAN = 0.5307  # RAD-DINO's preprocessor_config.json (BitImageProcessor), the same for every channel
+RAD_DINO_STD = 0.2583
+
+
+def _xrv_float(xf: torch.Tensor) -> torch.Tensor:
+    """torchxrayvision's ``normalize(img, maxval)`` on float [0, 1] input: one channel (colour
+    averaged, as its examples do for RGB files) scaled to [-1024, 1024]."""
+    if xf.shape[1] == 3:
+        xf = xf.mean(dim=1, keepdim=True)
+    return (2.0 * xf - 1.0) * XRV_RANGE
+
+
+def xrv_normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> ``(2 * x / 255 - 1) * 1024``, B x 1 x H x W (torchxrayvision.utils.normalize)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    return _xrv_float(x.float().div_(255.0))
+
+
+register_normalization("xrv", xrv_normalize, float_fn=_xrv_float, aliases=("torchxrayvision",))
+register_normalization("rad-dino", _mean_std((RAD_DINO_MEAN,) * 3, (RAD_DINO_STD,) * 3),
+                       float_fn=_mean_std_float((RAD_DINO_MEAN,) * 3, (RAD_DINO_STD,) * 3))
 
 
 def get_normalizer(name: str) -> Normalization:

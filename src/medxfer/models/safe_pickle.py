@@ -138,10 +138,13 @@ KNOWN_CLASSES: dict[tuple[str, str], Any] = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only allowlisted globals (see module docstring)."""
+    """``pickle.Unpickler`` that resolves only allowlisted globals (see module docstring).
+    ``inert_modules``: further module prefixes whose classes become inert stand-ins (e.g. the
+    ``torch.nn`` modules of a whole pickled model, read for its tensors only)."""
 
     source: str = "<pickle>"
     extra_globals: dict[tuple[str, str], Any] = {}
+    inert_modules: tuple[str, ...] = ()
 
     def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(file, *args, **kwargs)
@@ -157,7 +160,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         for table in (self.extra_globals, _numpy_globals(), BASE_GLOBALS, KNOWN_CLASSES):
             if key in table:
                 return table[key]
-        if module.split(".", 1)[0] in FRAMEWORK_MODULES:
+        if module.split(".", 1)[0] in FRAMEWORK_MODULES or any(
+                module == m or module.startswith(m + ".") for m in self.inert_modules):
             if key not in self._standins:
                 log.debug("%s: %s.%s replaced by an inert stand-in", self.source, module, name)
                 self._standins[key] = _inert_class(module, name)
@@ -169,8 +173,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def _unpickler_for(source: str, extra: dict[tuple[str, str], Any] | None = None) -> type[RestrictedUnpickler]:
-    return type("BoundRestrictedUnpickler", (RestrictedUnpickler,), {"source": source, "extra_globals": extra or {}})
+def _unpickler_for(source: str, extra: dict[tuple[str, str], Any] | None = None,
+                   inert: tuple[str, ...] = ()) -> type[RestrictedUnpickler]:
+    return type("BoundRestrictedUnpickler", (RestrictedUnpickler,),
+                {"source": source, "extra_globals": extra or {}, "inert_modules": tuple(inert)})
 
 
 def load_pickle(path: str | Path) -> Any:
@@ -186,15 +192,16 @@ def load_pickle(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not a readable pickle (truncated or corrupt?): {exc}") from exc
 
 
-def torch_pickle_module(source: str) -> types.SimpleNamespace:
+def torch_pickle_module(source: str, inert: tuple[str, ...] = ()) -> types.SimpleNamespace:
     """A ``pickle_module`` for ``torch.load`` that uses the restricted unpickler.
 
-    Torch globals are limited to what ``weights_only=True`` itself accepts.
+    Torch globals are limited to what ``weights_only=True`` itself accepts; classes of the
+    ``inert`` module prefixes become inert stand-ins.
     """
     from torch import _weights_only_unpickler as wou
 
     torch_globals = {tuple(k.rsplit(".", 1)): v for k, v in wou._get_allowed_globals().items()}
-    cls = _unpickler_for(source, torch_globals)
+    cls = _unpickler_for(source, torch_globals, inert)
 
     def load(file: Any, **kwargs: Any) -> Any:
         return cls(file, **kwargs).load()

@@ -14,11 +14,13 @@ class ModelSpec:
     ``fmt`` names a checkpoint reader/converter (``"torchvision"``, ``"moco"``, ...);
     ``prefix`` is the key prefix to keep (and strip), ``drop`` the head prefixes to remove.
     ``normalization`` names an entry of :data:`medxfer.models.normalize.NORMALIZATIONS`.
+    ``weights_file``: weights medxfer produced (``medxfer pretrain``), loaded as they are from
+    the weight cache, never converted; ``parent`` the model they were trained from.
     """
 
     name: str
     arch: str
-    family: str  # "supervised" | "self-supervised" | "domain-specific" | "random" | "custom"
+    family: str  # "supervised" | "self-supervised" | "domain-specific" | "self-supervised (in-domain)" | "random" | "custom"
     normalization: str = "imagenet"
     urls: tuple[str, ...] = ()
     sha256: str | None = None  # full hash of the original download, when known
@@ -39,6 +41,8 @@ class ModelSpec:
     path: str | None = None  # a local original checkpoint (custom models)
     base: str | None = None  # a variant (e.g. other normalisation) sharing this spec's weights
     display_name: str | None = None  # as the paper prints it (e.g. "MoCo-v2"); None: the name
+    weights_file: str | None = None  # a headless safetensors trunk medxfer wrote itself (in-domain pretraining)
+    parent: str | None = None  # the model these weights were trained from (in-domain pretraining)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

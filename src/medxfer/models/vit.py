@@ -1,10 +1,12 @@
-"""A DINOv2-compatible Vision Transformer trunk (no xFormers, no registers).
+"""A timm/DINOv2-style Vision Transformer trunk (no xFormers, no registers).
 
 Parameter names follow DINOv2's published backbone state dicts (``patch_embed.proj``,
 ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ...), so the hub ``*_pretrain.pth`` files
-load strictly. The forward pass returns the final-normed CLS token (B x D). Position
-embeddings are stored at the pretraining grid (518 px / 14 = 37 x 37) and interpolated
-bicubically to the input grid as DINOv2 does (scale factor with a 0.1 offset, no antialias).
+load strictly; without LayerScale (``layer_scale=False``) they are timm's / MAE's names
+(RETFound). The forward pass returns the final-normed CLS token (B x D). Position
+embeddings are stored at the pretraining grid (DINOv2: 518 px / 14 = 37 x 37; 224 / 16 = 14
+x 14 for RETFound and Phikon-v2) and interpolated bicubically to the input grid as DINOv2
+does (scale factor with a 0.1 offset, no antialias).
 """
 from __future__ import annotations
 
@@ -50,14 +52,14 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, layer_scale: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
-        self.ls1 = LayerScale(dim)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))
@@ -68,7 +70,7 @@ class DinoVisionTransformer(nn.Module):
     """ViT trunk: normalised B x 3 x H x W (H, W multiples of the patch) -> CLS token B x D."""
 
     def __init__(self, dim: int, depth: int, heads: int, patch: int = 14, pretrain_size: int = 518,
-                 interpolate_offset: float = 0.1) -> None:
+                 interpolate_offset: float = 0.1, layer_scale: bool = True) -> None:
         super().__init__()
         self.patch = patch
         self.embed_dim = dim
@@ -78,7 +80,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, layer_scale=layer_scale) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -118,3 +120,13 @@ def dinov2_vits14() -> DinoVisionTransformer:
 
 def dinov2_vitb14() -> DinoVisionTransformer:
     return DinoVisionTransformer(dim=768, depth=12, heads=12)
+
+
+def dinov2_vitl16() -> DinoVisionTransformer:
+    """ViT-L/16 with LayerScale at 224 px (14 x 14 grid): Phikon-v2's DINOv2 trunk."""
+    return DinoVisionTransformer(dim=1024, depth=24, heads=16, patch=16, pretrain_size=224)
+
+
+def mae_vitl16() -> DinoVisionTransformer:
+    """ViT-L/16 without LayerScale at 224 px: the MAE encoder (RETFound), timm's key names."""
+    return DinoVisionTransformer(dim=1024, depth=24, heads=16, patch=16, pretrain_size=224, layer_scale=False)

@@ -172,7 +172,67 @@ BEYOND = (
     ),
 )
 
-for _spec in (*PAPER, *VARIANTS, *BEYOND):
+HF = "https://huggingface.co/"
+XRV_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+HF_HEADS = ("embeddings.mask_token", "pooler.")
+
+# The public medical foundation models (issue 15). Facts from their model cards and code: key layouts in
+# medxfer/models/foundation.py; none publishes a file hash, so the download's SHA-256 is recorded when it is
+# converted. Their licences differ: each is shown by `medxfer ls models`.
+FOUNDATION = (
+    ModelSpec(
+        name="xrv-densenet121-all", arch="densenet121_1ch", family="domain-specific", normalization="xrv",
+        urls=("https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_FILE,), filename=XRV_FILE,
+        fmt="xrv-pickle", drop=("classifier.", "op_threshs"),
+        licence="Apache-2.0 (torchxrayvision); trained on NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, "
+                "RSNA: their data-use terms apply",
+        citation=("Cohen et al., TorchXRayVision: A library of chest X-ray datasets and models, MIDL 2022; "
+                  "Cohen et al., On the limits of cross-domain generalization in automated X-ray prediction, "
+                  "MIDL 2020"),
+        aliases=("densenet121-res224-all", "xrv-all"),
+        notes="torchxrayvision densenet121-res224-all (a whole pickled model, read without torchxrayvision); "
+              "one input channel scaled to [-1024, 1024] (colour averaged to grey); features = ReLU + average "
+              "pool of the last block (1024-d), as its features2; 224 px",
+    ),
+    ModelSpec(
+        name="rad-dino", arch="dinov2_vitb14", family="domain-specific", normalization="rad-dino",
+        urls=(HF + "microsoft/rad-dino/resolve/main/model.safetensors",), filename="rad-dino.safetensors",
+        fmt="hf-dinov2", drop=HF_HEADS,
+        licence="MSRLA (Microsoft Research Licence Agreement, research use only; later hub revisions say MIT: "
+                "check the revision you download); trained on chest X-ray data with their own terms",
+        citation=("Pérez-García et al., Exploring scalable medical image encoders beyond text supervision, "
+                  "Nature Machine Intelligence 2025 (RAD-DINO)"),
+        notes="chest X-ray DINOv2 ViT-B/14 (HuggingFace Dinov2Model), CLS token; native input 518 px (shortest "
+              "edge 518, centre crop, bicubic) with mean 0.5307 / std 0.2583 (its preprocessor_config.json): use "
+              "--image-size 518 for that; at 224 the position embeddings are interpolated",
+    ),
+    ModelSpec(
+        name="retfound-mae", arch="mae_vitl16", family="domain-specific", normalization="imagenet",
+        filename="RETFound_cfp_weights.pth", fmt="mae", drop=("mask_token", "decoder_", "head.", "fc_norm."),
+        licence="CC-BY-NC 4.0 (RETFound); trained on Moorfields and public fundus data",
+        citation="Zhou et al., A foundation model for generalizable disease detection from retinal images, Nature 2023",
+        aliases=("retfound",),
+        notes="MAE ViT-L/16 pretrained on 904k colour fundus photographs (the encoder of the MAE checkpoint, "
+              "decoder dropped); CLS token after the final norm (MAE's linear-probe feature); ImageNet "
+              "normalisation, 224 px. RETFound's DINOv2 variant is only on a gated hub repository: not included",
+        fetch_hint=("download RETFound_cfp_weights.pth (colour fundus, MAE) from the links in "
+                    "github.com/rmaphoh/RETFound_MAE (the hub copy YukunZhou/RETFound_mae_natureCFP asks you to "
+                    "accept its terms first)"),
+    ),
+    ModelSpec(
+        name="phikon-v2", arch="dinov2_vitl16", family="domain-specific", normalization="imagenet",
+        urls=(HF + "owkin/phikon-v2/resolve/main/model.safetensors",), filename="phikon-v2.safetensors",
+        fmt="hf-dinov2", drop=HF_HEADS,
+        licence="Owkin non-commercial licence (weights public, not gated; check upstream); trained on public "
+                "histology slides (TCGA, CPTAC, GTEx, ...)",
+        citation="Filiot et al., Phikon-v2, A large and public feature extractor for biomarker prediction, "
+                 "arXiv:2409.09173",
+        notes="histopathology DINOv2 ViT-L/16 (HuggingFace Dinov2Model, no registers) on 460M H&E tiles at 20x; "
+              "CLS token; ImageNet normalisation, 224 px tiles",
+    ),
+)
+
+for _spec in (*PAPER, *VARIANTS, *BEYOND, *FOUNDATION):
     register_model(_spec)
 
 # A dummy model for tests and quick checks (lm-evaluation-harness style): random weights only.

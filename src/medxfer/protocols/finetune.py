@@ -9,7 +9,8 @@ validation every 200 steps, early stopping with patience 3 on the validation hea
 Every random choice (head initialisation, batch order, crops, flips, search trials) comes
 from local generators derived from ``seed``. With ``workdir`` a checkpoint (model, optimiser,
 schedule, generators, best weights, curves) is written atomically at every validation, so a
-killed run resumes exactly where it stopped; a finished run is reused.
+killed run resumes exactly where it stopped; a finished run is reused. The loop itself is
+:class:`medxfer.training.Trainer`, shared with in-domain pretraining.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,10 +35,12 @@ from medxfer.errors import UsageError
 from medxfer.models.backbone import Backbone
 from medxfer.models.normalize import get_normalizer
 from medxfer.prepare import PreparedImages
-from medxfer.progress import bar
 from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
 from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
+from medxfer.training import SeededBatches, Trainer, cosine, load_batch, snapshot_state
+from medxfer.training.augment import augment, crop_params
+from medxfer.training.precision import autocast, cuda_amp_name
 from medxfer.typed import fraction, positive, setting
 
 if TYPE_CHECKING:
@@ -49,15 +51,6 @@ log = logging.getLogger(__name__)
 VERSION = "1"
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
-
-
-def snapshot_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """An independent copy of ``module``'s state (parameters and buffers) on the CPU.
-
-    The copy must not alias the live tensors: ``module.state_dict()`` alone returns
-    references that keep changing as training goes on (the original code's bug).
-    """
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 Snapshot = Callable[[nn.Module], dict[str, torch.Tensor]]
@@ -88,47 +81,8 @@ class FinetuneNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def _crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
-                 g: torch.Generator) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (top, left, height, width): 10 tries, then a centre crop."""
-    area = h * w
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(4, generator=g).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(u[2] * (h - ch + 1))
-            left = int(u[3] * (w - cw + 1))
-            return min(top, h - ch), min(left, w - cw), ch, cw
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def augment(batch: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
-            extents: np.ndarray | None = None) -> torch.Tensor:
-    """RandomResizedCrop(size, bicubic, antialiased) + horizontal flip of uint8 B x C x H x W;
-    with ``extents`` (B x (height, width)) each image lies top-left in a padded canvas and is
-    cropped within its own extent."""
-    out = []
-    for i, img in enumerate(batch):
-        h, w = (int(extents[i][0]), int(extents[i][1])) if extents is not None else img.shape[-2:]
-        top, left, ch, cw = _crop_params(h, w, scale, ratio, g)
-        crop = TF.resized_crop(img, top, left, ch, cw, [size, size],
-                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        if hflip and bool(torch.rand(1, generator=g) < 0.5):
-            crop = crop.flip(-1)
-        out.append(crop)
-    return torch.stack(out)
+_crop_params = crop_params  # the name the tests and older callers use
+__all__ = ["augment", "snapshot_state"]
 
 
 def _resize_eval(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -137,19 +91,13 @@ def _resize_eval(batch: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(batch, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
 
-def _load_batch(prepared: PreparedImages, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    order = np.argsort(idx)  # sorted reads are much faster on a memmap
-    arr = np.asarray(prepared.array[idx[order]])
-    arr = arr[np.argsort(order)]
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(device).permute(0, 3, 1, 2)
+_load_batch = load_batch
 
 
 def _amp_context(device: torch.device, enabled: bool):
     if not enabled or device.type != "cuda":
-        return nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+        return autocast(device, "fp32")
+    return autocast(device, cuda_amp_name(device))
 
 
 def evaluate_net(net: nn.Module, prepared: PreparedImages, idx: np.ndarray, labels: np.ndarray, *, size: int,
@@ -204,15 +152,6 @@ class TrialOutcome:
                 "seconds": round(self.seconds, 3), "val_curve": self.val_curve}
 
 
-def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[np.ndarray]:
-    """Endless shuffled batches (epoch by epoch; last partial batch dropped when n >= batch)."""
-    while True:
-        perm = torch.randperm(n, generator=g).numpy()
-        stop = n - n % batch_size if n >= batch_size else n
-        for s in range(0, stop, batch_size):
-            yield perm[s : s + batch_size]
-
-
 def _train_once(backbone: Backbone, prepared: PreparedImages, train_store: PreparedImages, sp: SplitIndices,
                 labels: np.ndarray, k: int, *,
                 lr: float, weight_decay: float, seed: int, device: torch.device, workdir: Path | None,
@@ -228,9 +167,8 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, train_store: Prepa
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=p.momentum, nesterov=p.nesterov,
                           weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.max_steps)
+    sched = cosine(opt, p.max_steps)
     amp = use_amp(p, device)
-    ctx, scaler = _amp_context(device, amp)
     size = p.image_size
     eval_kw = dict(size=size, batch_size=p.eval_batch_size, device=device, amp=amp, headline=headline)
 
@@ -244,91 +182,56 @@ def _train_once(backbone: Backbone, prepared: PreparedImages, train_store: Prepa
             return net, outcome
         log.warning("finetune: ignoring %s (made with different settings)", final_path)
 
-    step, best_score, best_loss, best_step, bad_evals = 0, -math.inf, math.inf, 0, 0
-    best_state = snapshot_state(net)
-    curve: list[dict[str, float]] = []
-    resumed_from = None
-    ckpt_path = workdir / CHECKPOINT if workdir else None
-    if ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("key") == key:
-            net.load_state_dict(ck["net"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            g_aug.set_state(ck["g_aug"])
-            if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            step, best_score, best_loss = ck["step"], ck["best_score"], ck["best_loss"]
-            best_step, bad_evals, curve, best_state = ck["best_step"], ck["bad_evals"], ck["curve"], ck["best_state"]
-            resumed_from = step
-            log.info("finetune: resuming at step %d from %s", step, ckpt_path)
-        else:
-            log.warning("finetune: ignoring %s (made with different settings)", ckpt_path)
+    trainer = Trainer(net, opt, sched, device=device, max_steps=p.max_steps, key=key,
+                      checkpoint_path=workdir / CHECKPOINT if workdir else None, generators={"aug": g_aug},
+                      precision=autocast_name(p, device), desc=f"finetune {backbone.name} lr={lr:g} wd={weight_decay:g}",
+                      on_checkpoint=on_checkpoint,
+                      diverged=lambda step, loss: f"finetune diverged at step {step} (loss {loss}); lower lr={lr:g}")
+    st = trainer.resume()
+    track: dict[str, Any] = {"best_score": -math.inf, "best_loss": math.inf, "best_step": 0, "bad_evals": 0,
+                             "curve": [], "best_state": None}
+    if st.resumed_from is not None:
+        track.update(st.extra)
+    if track["best_state"] is None:
+        track["best_state"] = snapshot_state(net)
 
-    batches = _batches(len(sp.train), p.batch_size, g_data)
-    # a resumed run sees the same batch order: replay the (cheap) sampler from its seed
-    for _ in range(step):
-        next(batches)
-    stopped_early = False
+    batches = SeededBatches(len(sp.train), p.batch_size, g_data)
+    batches.skip(st.step)  # a resumed run sees the same batch order: replay the (cheap) sampler from its seed
     train_labels = torch.as_tensor(labels, device=device)
-    net.train()
-    steps_bar = bar(total=p.max_steps, initial=step, desc=f"finetune {backbone.name} lr={lr:g} wd={weight_decay:g}",
-                    unit="step")
-    while step < p.max_steps:
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
         rows = sp.train[next(batches)]
         extents = None if train_store.extents is None else train_store.extents[rows]
-        x = augment(_load_batch(train_store, rows, device), size, g_aug, hflip=p.hflip,
+        x = augment(load_batch(train_store, rows, device), size, g_aug, hflip=p.hflip,
                     scale=tuple(p.crop_scale), ratio=tuple(p.crop_ratio), extents=extents)
-        with ctx:
-            loss = nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"finetune diverged at step {step} (loss {loss.item()}); lower lr={lr:g}")
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        return nn.functional.cross_entropy(net(x).float(), train_labels[torch.as_tensor(rows, device=device)])
+
+    def validate(step: int, train_loss: float) -> bool:
+        if not (step % p.val_every == 0 or step == p.max_steps):
+            return False
+        metrics, vloss, _ = evaluate_net(net, prepared, sp.val, labels, **eval_kw)
+        score = metrics["headline"]
+        track["curve"].append({"step": step, "score": score, "loss": vloss, "accuracy": metrics["accuracy"],
+                               "train_loss": train_loss, "lr": float(sched.get_last_lr()[0])})
+        if score > track["best_score"] or (score == track["best_score"] and vloss < track["best_loss"]):
+            track.update(best_score=score, best_loss=vloss, best_step=step, bad_evals=0, best_state=snapshot(net))
         else:
-            loss.backward()
-            opt.step()
-        sched.step()
-        step += 1
-        steps_bar.update(1)
-        if step % p.val_every == 0 or step == p.max_steps:
-            metrics, vloss, _ = evaluate_net(net, prepared, sp.val, labels, **eval_kw)
-            score = metrics["headline"]
-            curve.append({"step": step, "score": score, "loss": vloss, "accuracy": metrics["accuracy"],
-                          "train_loss": float(loss.item()), "lr": float(sched.get_last_lr()[0])})
-            if score > best_score or (score == best_score and vloss < best_loss):
-                best_score, best_loss, best_step, bad_evals = score, vloss, step, 0
-                best_state = snapshot(net)
-            else:
-                bad_evals += 1
-            log.info("finetune %s step %d/%d: validation %s %.2f (best %.2f at step %d)", backbone.name, step,
-                     p.max_steps, headline, score, best_score, best_step)
-            stop = bad_evals >= p.patience
-            if ckpt_path is not None:
-                state = {"key": key, "net": snapshot_state(net), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "g_aug": g_aug.get_state(), "step": step,
-                         "best_score": best_score, "best_loss": best_loss, "best_step": best_step,
-                         "bad_evals": bad_evals, "curve": curve, "best_state": best_state,
-                         "scaler": scaler.state_dict() if scaler is not None else None}
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save(state, tmp)
-                if on_checkpoint is not None:
-                    on_checkpoint(step)
-            if stop:
-                stopped_early = True
-                break
-    steps_bar.close()
-    net.load_state_dict(best_state)  # restore the best weights
-    outcome = TrialOutcome(lr=lr, weight_decay=weight_decay, best_state=best_state, best_score=best_score,
-                           best_loss=best_loss, best_step=best_step, steps=step, stopped_early=stopped_early,
-                           val_curve=curve, resumed_from=resumed_from, seconds=time.perf_counter() - t0)
+            track["bad_evals"] += 1
+        log.info("finetune %s step %d/%d: validation %s %.2f (best %.2f at step %d)", backbone.name, step,
+                 p.max_steps, headline, score, track["best_score"], track["best_step"])
+        return track["bad_evals"] >= p.patience
+
+    st = trainer.run(loss_fn, after_step=validate, extra_state=lambda: dict(track),
+                     checkpoint_at=lambda step: step % p.val_every == 0 or step == p.max_steps)
+    net.load_state_dict(track["best_state"])  # restore the best weights
+    outcome = TrialOutcome(lr=lr, weight_decay=weight_decay, best_state=track["best_state"],
+                           best_score=track["best_score"], best_loss=track["best_loss"], best_step=track["best_step"],
+                           steps=st.step, stopped_early=st.stopped, val_curve=track["curve"],
+                           resumed_from=st.resumed_from, seconds=time.perf_counter() - t0)
     if final_path is not None:
         with atomic_path(final_path) as tmp:
             torch.save({"key": key, "outcome": dict(vars(outcome))}, tmp)
-        ckpt_path.unlink(missing_ok=True)
+        (workdir / CHECKPOINT).unlink(missing_ok=True)
     return net, outcome
 
 
@@ -473,7 +376,7 @@ def autocast_name(p: FinetuneParams, device: torch.device | str) -> str:
     dev = torch.device(device)
     if not use_amp(p, dev) or dev.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cuda_amp_name(dev)
 
 
 def _check_search(value: Any) -> None:

@@ -31,6 +31,7 @@ from medxfer.report.findings import (
     score_metrics,
     test_images,
 )
+from medxfer.report.pretraining import pretraining_section
 from medxfer.report.stats import VERDICT_BEST, VERDICT_WORSE, rank_matrix
 from medxfer.results import Result
 
@@ -650,6 +651,7 @@ def summary_markdown(results: list[Result], findings: Findings | None = None, re
     for name, a in f.across.items():
         if a.result is None:
             lines += [f"Ranks across datasets ({coll.table_title(name).lower()}): not computed: {a.reason}.", ""]
+    lines += pretraining_section(results)
     lines += ["## Weights", ""]
     for m in coll.models:
         info = coll.model_facts[m]
