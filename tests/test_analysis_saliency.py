@@ -163,7 +163,7 @@ def test_incremental_equals_full_forward_all_stages(size: int, window: int, stri
                                                     caplog: pytest.LogCaptureFixture) -> None:
     staged = prepare_trunk(trunk("resnet18"), dtype=torch.float64)
     image = random_image(size, seed=size)
-    kw = dict(normalize=IMAGENET, window=window, stride=stride, pointwise_normalize=True)
+    kw = {"normalize": IMAGENET, "window": window, "stride": stride, "pointwise_normalize": True}
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
         inc = occlusion_scores(staged, image, max_crop_fraction=1.0, **kw)
     assert "9 stage(s) incremental" in caplog.text  # every stage on crops, edges included
@@ -176,7 +176,7 @@ def test_incremental_equals_full_forward_all_stages(size: int, window: int, stri
 def test_incremental_equals_full_forward_other_archs(arch: str) -> None:
     staged = prepare_trunk(trunk(arch), dtype=torch.float64)
     image = random_image(33, seed=7)
-    kw = dict(normalize=IMAGENET, window=5, stride=3, occluder="paper")
+    kw = {"normalize": IMAGENET, "window": 5, "stride": 3, "occluder": "paper"}
     inc = occlusion_scores(staged, image, max_crop_fraction=1.0, **kw)
     np.testing.assert_allclose(inc, occlusion_scores(staged, image, incremental=False, **kw), rtol=1e-10)
 
@@ -273,15 +273,15 @@ def test_bf16_trunk_runs() -> None:
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(window=0), "window"),
-    (dict(window=11), "too small"),
-    (dict(stride=5, window=4), "stride"),
-    (dict(occluder="grey"), "occluder"),
-    (dict(occluder=(1, 2)), "occluder colour"),
-    (dict(occluder=lambda img: img.float()), "occluder callable"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(rows=(3, 99)), "rows"),
-    (dict(max_crop_fraction=0.0), "max_crop_fraction"),
+    ({"window": 0}, "window"),
+    ({"window": 11}, "too small"),
+    ({"stride": 5, "window": 4}, "stride"),
+    ({"occluder": "grey"}, "occluder"),
+    ({"occluder": (1, 2)}, "occluder colour"),
+    ({"occluder": lambda img: img.float()}, "occluder callable"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"rows": (3, 99)}, "rows"),
+    ({"max_crop_fraction": 0.0}, "max_crop_fraction"),
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     net = build_trunk("tinycnn", seed=0).eval()
