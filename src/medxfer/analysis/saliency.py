@@ -261,8 +261,10 @@ class StagedTrunk:
 
     ``localities[k]`` is the :class:`Locality` of stage k, or None where none is known (such
     stages, and all after them, always run on full maps). ``dtype``: the input is cast to it
-    (None: left as the normaliser made it). Calling it runs the full forward on normalised
-    float input B x 3 x H x W and returns B x D features.
+    (None: left as the normaliser made it); ``device``: where the modules are (None: where the
+    image is). Calling it runs the full forward on normalised float input B x 3 x H x W and
+    returns B x D features. ``description`` states dtype, layout, stages and folding (and
+    TF32 on CUDA): record it with the results.
     """
 
     stages: tuple[Trunk, ...]
@@ -270,6 +272,7 @@ class StagedTrunk:
     head: Trunk
     dtype: torch.dtype | None = torch.float32
     description: str = ""
+    device: torch.device | None = None
 
     def cast(self, x: Tensor) -> Tensor:
         x = x if self.dtype is None else x.to(self.dtype)
@@ -310,7 +313,7 @@ def _check_eval(module: nn.Module) -> None:
 
 
 def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_bn: bool = True,
-                  split: bool = True) -> StagedTrunk:
+                  split: bool = True, device: str | torch.device = "cpu") -> StagedTrunk:
     """A fast exact copy of an eval-mode trunk for occlusion (the caller's module is untouched).
 
     ``fold_bn``: fold BatchNorm into the preceding convolutions (exact in eval mode up to
@@ -319,6 +322,8 @@ def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_
     trunk's own forward on a random input. ``dtype``: weights and input in this dtype
     (float32; float64 for reference checks; bfloat16 is fast on CPUs with AVX512-BF16 but
     changes the small relative differences the scores measure: see benchmarks/saliency.py).
+    ``device``: where the copy runs (on CUDA, PyTorch's TF32 setting for convolutions applies
+    and is stated in the description).
     """
     from medxfer.extract import fold_batchnorm
 
@@ -353,11 +358,14 @@ def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_
         f = fold_batchnorm(st) if fold_bn and any(isinstance(m, nn.BatchNorm2d) for m in st.modules()) else None
         folded += f is not None
         m = (f if f is not None else copy.deepcopy(st)).to(dtype).eval()
-        runtime.append(m.to(memory_format=torch.channels_last))
-    n_local = sum(1 for _ in _leading_local(locs))
-    desc = (f"{str(dtype).replace('torch.', '')}, channels-last, {len(stages)} stage(s) "
-            f"({n_local} leading local), BatchNorm folded in {folded}")
-    return StagedTrunk(tuple(runtime[:-1]), tuple(locs), runtime[-1], dtype, desc)
+        runtime.append(m.to(device, memory_format=torch.channels_last))
+    dev = torch.device(device)
+    tf32 = ""
+    if dev.type == "cuda" and dtype == torch.float32:
+        tf32 = f", TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+    desc = (f"{str(dtype).replace('torch.', '')}{tf32}, channels-last, on {dev}, {len(stages)} stage(s) "
+            f"({len(_leading_local(locs))} leading local), BatchNorm folded in {folded}")
+    return StagedTrunk(tuple(runtime[:-1]), tuple(locs), runtime[-1], dtype, desc, dev)
 
 
 def _leading_local(locs: Sequence[Locality | None]) -> list[Locality]:
@@ -443,16 +451,16 @@ def _fill_image(occluder: Occluder, image: Tensor) -> Tensor | None:
         if not isinstance(fill, Tensor) or fill.dtype != torch.uint8 or fill.shape != image.shape:
             raise SaliencyError(f"occluder callable must return a uint8 tensor of shape {tuple(image.shape)}, got "
                                 f"{getattr(fill, 'dtype', type(fill))} {tuple(getattr(fill, 'shape', ()))}")
-        return fill
+        return fill.to(image.device)
     else:
         colour = (occluder,) * 3 if isinstance(occluder, int) else tuple(occluder)
         if len(colour) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in colour):
             raise SaliencyError(f"occluder colour must be 3 integers in 0..255, got {occluder!r}")
-    return torch.tensor([int(c) for c in colour], dtype=torch.uint8).view(3, 1, 1).expand_as(image)
+    return torch.tensor([int(c) for c in colour], dtype=torch.uint8, device=image.device).view(3, 1, 1).expand_as(image)
 
 
 def _as_rgb_uint8(image: Tensor | np.ndarray) -> Tensor:
-    x = torch.as_tensor(image)
+    x = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image))
     if x.dtype != torch.uint8:
         raise SaliencyError(f"image must be uint8, got {x.dtype}")
     if x.ndim != 3 or x.shape[0] not in (1, 3):
@@ -500,6 +508,8 @@ def occlusion_scores(
     if isinstance(trunk, nn.Module):
         _check_eval(trunk)
     staged = StagedTrunk.wrap(trunk)
+    if staged.device is not None:
+        x = x.to(staged.device)
     fill = _fill_image(occluder, x)
     paper = fill is None
     t0 = time.perf_counter()
@@ -543,10 +553,10 @@ def occlusion_scores(
             if not 0 <= rows[0] < rows[1] <= len(ys):
                 raise SaliencyError(f"rows must satisfy 0 <= first < last <= {len(ys)}, got {rows}")
             ys = ys[rows[0]:rows[1]]
-        qy_all = torch.from_numpy(np.repeat(ys, len(xs)))
-        qx_all = torch.from_numpy(np.tile(xs, len(ys)))
+        qy_all = torch.from_numpy(np.repeat(ys, len(xs))).to(x.device)
+        qx_all = torch.from_numpy(np.tile(xs, len(ys))).to(x.device)
         total = len(qy_all)
-        ar = torch.arange(max(h, w))
+        ar = torch.arange(max(h, w), device=x.device)
 
         def features(qy: Tensor, qx: Tensor) -> Tensor:
             """Features (float64 B x D) of the images occluded at (qy, qx)."""
@@ -562,7 +572,7 @@ def occlusion_scores(
             dx = cx[:, None] + ar[:lx] - qx[:, None]
             mask = (((dy >= 0) & (dy < window))[:, :, None] & ((dx >= 0) & (dx < window))[:, None, :])[..., None]
             if paper:
-                crop = torch.where(mask, torch.zeros((), dtype=base.dtype), base).permute(0, 3, 1, 2)
+                crop = torch.where(mask, 0.0, base).permute(0, 3, 1, 2)
             else:
                 fill_crop = _compose(fill_hwc, None, qy, qx, cy, cx, ly, lx)
                 crop = normalize(torch.where(mask, fill_crop, base).permute(0, 3, 1, 2))
@@ -589,7 +599,7 @@ def occlusion_scores(
         for start in range(0, total, batch_size):
             qy, qx = qy_all[start:start + batch_size], qx_all[start:start + batch_size]
             f = features(qy, qx)
-            scores[start:start + len(qy)] = ((f - f0).norm(dim=1) / norm0).numpy()
+            scores[start:start + len(qy)] = ((f - f0).norm(dim=1) / norm0).cpu().numpy()
             if progress is not None:
                 progress(start + len(qy), total)
     if not np.isfinite(scores).all():
