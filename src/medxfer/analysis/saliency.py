@@ -426,6 +426,18 @@ def _compose(clean: Tensor, patch: Tensor | None, p_y0: Tensor, p_x0: Tensor, c_
     return torch.where(inside, vals, base)
 
 
+def _paste(clean: Tensor, patch: Tensor, p_y0: Tensor, p_x0: Tensor) -> Tensor:
+    """B copies of ``clean`` (H x W x C) with each element's ``patch`` (B x R_y x R_x x C, inside
+    the map) written at (p_y0, p_x0). Returns B x H x W x C."""
+    b, ry, rx, _ = patch.shape
+    out = clean.expand(b, *clean.shape).clone()
+    rows = p_y0[:, None] + torch.arange(ry, device=clean.device)
+    cols = p_x0[:, None] + torch.arange(rx, device=clean.device)
+    bidx = torch.arange(b, device=clean.device)[:, None, None]
+    out[bidx, rows[:, :, None], cols[:, None, :]] = patch
+    return out
+
+
 def _take(y: Tensor, off_y: Tensor, len_y: int, off_x: Tensor, len_x: int) -> Tensor:
     """Per-element windows of a channels-last batch y (B x C x h x w) -> B x len_y x len_x x C."""
     hwc = y.permute(0, 2, 3, 1)
@@ -588,8 +600,7 @@ def occlusion_scores(
                     y = _compose(maps[k], patch, py.out0, px.out0, ny.crop0, nx.crop0, ny.crop_len, nx.crop_len)
                     py, px = ny, nx
                 else:
-                    zeros = torch.zeros_like(py.out0)
-                    y = _compose(maps[k], patch, py.out0, px.out0, zeros, zeros, hi, wi)
+                    y = _paste(maps[k], patch, py.out0, px.out0)
                 y = y.permute(0, 3, 1, 2)
             for stage in staged.stages[len(plan_locs):]:
                 y = stage(y)
