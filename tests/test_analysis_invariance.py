@@ -3,6 +3,7 @@ vectorised statistic against a direct float64 transcription, the ridge collapse 
 index sets, transform families and the real EyePACS left/right pairs."""
 from __future__ import annotations
 
+import csv
 import functools
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from medxfer.analysis.invariance import (
     image_views,
     invariance_from_features,
     ledoit_wolf,
+    match_pairs,
     pair_invariance,
     transform_family,
     transform_invariance,
@@ -154,6 +156,15 @@ def test_choose_indices() -> None:
         choose_indices(1, seed=0)
 
 
+def test_match_pairs() -> None:
+    names = ["3_left", "3_right", "7_right", "9_left", "9_right", "12_left"]
+    np.testing.assert_array_equal(match_pairs(names), [[0, 1], [3, 4]])
+    np.testing.assert_array_equal(match_pairs(names, labels=[0, 0, 1, 2, 1, 0]), [[0, 1]])
+    assert match_pairs(["a", "b"]).shape == (0, 2)
+    with pytest.raises(InvarianceError, match="unique"):
+        match_pairs(["x_left", "x_left"])
+
+
 def test_choose_pair_indices_keeps_statistics_off_the_evaluated_pairs() -> None:
     pairs = np.array([[2 * i, 2 * i + 1] for i in range(20)])
     st, ev = choose_pair_indices(pairs, 60, seed=3, n_eval=5)
@@ -269,10 +280,12 @@ def test_eyepacs_left_right_pair_invariance_random_resnet18(shared_data: Path) -
     files = sorted((root / "sample").glob("*.jpeg"))
     if not files:
         pytest.skip(f"EyePACS sample not found under {root}")
-    index = {p.stem: i for i, p in enumerate(files)}
-    pairs = np.array([(index[s], index[s.replace("_left", "_right")]) for s in index
-                      if s.endswith("_left") and s.replace("_left", "_right") in index])
-    assert len(pairs) >= 15
+    with open(root / "trainLabels.csv", newline="") as f:
+        grade = {row["image"]: int(row["level"]) for row in csv.DictReader(f)}
+    names = [p.stem for p in files]
+    pairs = match_pairs(names, labels=[grade[n] for n in names])  # left and right eye, same grade
+    assert len(pairs) >= 10 and len(pairs) <= len(match_pairs(names))
+    assert all(names[a].replace("_left", "_right") == names[b] for a, b in pairs)
     st, ev = choose_pair_indices(pairs, len(files), seed=0, n_eval=6, n_stats=1000)
     assert len(ev) == 6 and not set(st) & set(pairs[ev].ravel())
     model = load_model("supervised-r18", weights="random")

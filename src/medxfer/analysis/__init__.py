@@ -16,6 +16,7 @@ from medxfer.analysis.invariance import (
     image_views,
     invariance_from_features,
     ledoit_wolf,
+    match_pairs,
     pair_invariance,
     transform_family,
     transform_invariance,
@@ -44,7 +45,7 @@ __all__ = [
     "AUTHORS_RIDGE", "IMAGENET_MEAN_PIXEL", "POINTWISE_NORMALIZATIONS", "FeatureStats", "InvarianceError",
     "InvarianceResult", "Locality", "NotLocalError", "SaliencyError", "StagedTrunk", "TransformFamily",
     "accumulate_scores", "attentive_diffusion", "choose_indices", "choose_pair_indices", "evaluation_view",
-    "feature_statistics", "image_views", "invariance_from_features", "is_exact", "ledoit_wolf", "locality",
+    "feature_statistics", "image_views", "invariance_from_features", "is_exact", "ledoit_wolf", "locality", "match_pairs",
     "occlusion_map", "occlusion_scores", "pair_invariance", "prepare_trunk", "transform_family",
     "transform_invariance", "view_features", "whiten", "whitened_cosine", "window_starts",
 ]

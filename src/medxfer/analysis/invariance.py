@@ -269,6 +269,25 @@ def choose_indices(n: int, *, seed: int, n_stats: int = 1000, n_eval: int = 100,
     return np.sort(st), np.sort(ev)
 
 
+def match_pairs(names: Sequence[str], first: str = "_left", second: str = "_right",
+                labels: Sequence[Any] | None = None) -> np.ndarray:
+    """P x 2 indices of names that differ only in ``first`` vs ``second`` (e.g. EyePACS
+    ``13_left`` / ``13_right``), in the order of the first names; with ``labels``, only pairs
+    whose two labels are equal (PROTOCOL.md: left vs right eye of the same grade)."""
+    if labels is not None and len(labels) != len(names):
+        raise InvarianceError(f"{len(labels)} labels for {len(names)} names")
+    index = {n: i for i, n in enumerate(names)}
+    if len(index) != len(names):
+        raise InvarianceError("names must be unique")
+    out = []
+    for n, i in index.items():
+        if first in n:
+            j = index.get(n.replace(first, second))
+            if j is not None and (labels is None or labels[i] == labels[j]):
+                out.append((i, j))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
 def choose_pair_indices(pairs: np.ndarray | Sequence[tuple[int, int]], n_images: int, *, seed: int,
                         n_stats: int = 1000, n_eval: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (statistics image indices, evaluated pair indices) for multi-view invariance.
