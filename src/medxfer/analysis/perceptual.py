@@ -40,6 +40,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from medxfer.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 NETS = ("alex", "squeeze", "vgg")
@@ -82,7 +84,7 @@ StateDict = Mapping[str, torch.Tensor]
 WeightsSource = Union[str, "os.PathLike[str]", StateDict]
 
 
-class PerceptualWeightsError(ValueError):
+class PerceptualWeightsError(UsageError):
     """LPIPS weights that are wrong: hash mismatch, unexpected keys, heads or trunk not as loaded."""
 
 
