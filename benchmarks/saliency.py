@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+
 from _common import (
     cpu_seconds,
     load_average,
@@ -36,7 +37,6 @@ from _common import (
     shared_data_dir,
     timed,
 )
-
 from medxfer.analysis.saliency import (
     accumulate_scores,
     occlusion_scores,

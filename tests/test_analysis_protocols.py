@@ -122,3 +122,47 @@ def test_analyze_verb_runs_the_same_cells(tmp_path: Path, capsys) -> None:
     assert "reused 1" in capsys.readouterr().err
     assert main(["analyze", "fewshot", *args]) == 2
     assert "not an analysis" in capsys.readouterr().err
+
+
+def test_saliency_protocol_writes_maps_and_attentive_diffusion(tmp_path: Path) -> None:
+    data = write_stripes_blobs(tmp_path / "data", n_per_class=6, size=40)
+    spec = _spec(tmp_path, data, ("saliency",), saliency={"images": 2, "image_size": 36, "window": 4})
+    r = run(spec, progress=False).results[0]
+    assert r.headline.metric == "attentive_diffusion" and 0 < r.metrics["attentive_diffusion"] < 100
+    assert r.details["exact"] is True and r.params["occluder"] == "imagenet-mean"
+    names = sorted(Path(a.path).name for a in r.artifacts)
+    assert len(names) == 6 and any(n.endswith("_saliency_overlay.png") for n in names)
+    npy = next(a for a in r.artifacts if a.path.endswith(".npy"))
+    smap = np.load(tmp_path / "out" / npy.path)
+    assert smap.shape == (36 - 2 * 3, 36 - 2 * 3) and smap.min() >= 0  # the fully covered region
+    from medxfer.analysis.saliency import attentive_diffusion
+
+    row = next(d for d in r.details["images"] if f"{d['row']:06d}" in npy.path)
+    assert attentive_diffusion(smap.astype(np.float64)) == pytest.approx(row["attentive_diffusion"], abs=0.5)
+    compat = PROTOCOLS.get("saliency").make_params(compat="paper")
+    assert compat.occluder == "paper"
+
+
+def test_invariance_protocol_on_toy_data(tmp_path: Path) -> None:
+    data = write_stripes_blobs(tmp_path / "data", n_per_class=12, size=40)
+    spec = _spec(tmp_path, data, ("invariance",), invariance={"families": ["rotation", "hflip", "hue", "multiview"],
+                                                             "rotations": 4, "n_eval": 6, "n_stats": 18})
+    r = run(spec, progress=False).results[0]
+    for family in ("rotation", "hflip", "hue"):
+        assert -1.0 <= r.metrics[family] <= 1.0, family
+        assert r.details[family]["n_eval"] == 6 and r.details[family]["estimator"] == "ledoit-wolf"
+    assert "multiview" not in r.metrics and "no multi-view pairs" in r.details["multiview"]
+    assert r.headline.metric == "invariance_mean"
+
+
+def test_invariance_across_the_real_eyepacs_left_right_pairs(shared_data: Path, tmp_path: Path) -> None:
+    root = shared_data / "eyepacs-sample"
+    spec = RunSpec(models=("test-tiny",), datasets=(DatasetArg("eyepacs", "eyepacs", str(root),
+                                                                {"allow_missing": True}),),
+                   protocols=("invariance",), weights="random", out=str(tmp_path / "out"), image_size=64,
+                   protocol_params={"invariance": {"families": ["multiview", "hflip"], "n_eval": 4, "n_stats": 20}})
+    outcome = run(spec, progress=False)
+    assert not outcome.failed, outcome.failed
+    r = outcome.results[0]
+    assert r.details["multiview"]["n_eval"] == 4 and -1 <= r.metrics["multiview"] <= 1
+    assert r.details["multiview"]["family"] == "multiview"

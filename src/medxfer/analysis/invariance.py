@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,8 +29,11 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from medxfer.data.images import open_image
+from medxfer.data.splits import identity_keys
 from medxfer.errors import UsageError
-from medxfer.prepare import RESIZES, center_crop
+from medxfer.prepare import RESIZES
+from medxfer.protocols.base import EvalResult, Headline, Needs, Params, Protocol, register_protocol
+from medxfer.typed import positive, setting
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +361,7 @@ def transform_family(name: str, *, k: int = 8) -> TransformFamily:
 
 def evaluation_view(img: Image.Image, size: int = 224) -> np.ndarray:
     """The evaluation transform (shorter side to ``size`` bicubic, centre crop) -> S x S x 3 uint8."""
-    arr = np.asarray(center_crop(RESIZES.get("aspect")(img, size), size), dtype=np.uint8)
+    arr = np.asarray(RESIZES.get("aspect")(img, size), dtype=np.uint8)  # resize + centre crop
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
@@ -436,3 +439,97 @@ def transform_invariance(
     views = view_features(features, eval_images, fam, size=size, batch_size=batch_size)
     return invariance_from_features(stats, views[:, fam.identity], views, params=fam.params, identity=fam.identity,
                                     include_identity=include_identity, family=fam.name)
+
+
+# --------------------------------------------------------------------------- the protocol
+
+FAMILIES = ("rotation", "hflip", "hue", "multiview")
+
+
+def _check_families(value: Any) -> None:
+    unknown = [f for f in value if f not in FAMILIES]
+    if unknown or not value:
+        raise ValueError(f"unknown transform famil(ies) {unknown}; choose from {', '.join(FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class InvarianceParams(Params):
+    """PROTOCOL.md: whitened cosine between clean and transformed features (float64), statistics from
+    up to 1000 seeded images disjoint from up to 100 evaluated ones, identity view excluded."""
+
+    families: tuple[str, ...] = setting(FAMILIES, check=_check_families,
+                                        help="rotation, hflip, hue, multiview (pairs: CheXpert views, EyePACS eyes)")
+    rotations: int = setting(8, check=positive, help="k rotation angles linspace(0, 360, k+1)[:k] (authors: 256)")
+    n_stats: int = setting(1000, check=positive, help="images for the feature mean and covariance")
+    n_eval: int = setting(100, check=positive, help="images (or pairs) evaluated")
+    estimator: Literal["ledoit-wolf", "ridge"] = setting("ledoit-wolf", help="covariance: Ledoit-Wolf shrinkage, "
+                                                         "or the authors' 1e-6 ridge")
+    include_identity: bool = setting(False, help="count the identity view's similarity of 1 (the authors did)")
+    disjoint: bool = setting(True, help="statistics images disjoint from the evaluated ones")
+    batch_size: int = setting(32, check=positive, execution=True, help="views per forward pass")
+
+
+def _run(ctx: Any, p: InvarianceParams, seed: int) -> EvalResult:
+    from medxfer.runtime import Runner
+
+    model, feats = ctx.model, ctx.features()
+    records = feats.records
+    order = np.argsort(np.asarray(identity_keys([r.path for r in records]), dtype=object), kind="stable")
+    cached = np.asarray(feats.features, dtype=np.float64)
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    runner = Runner(model, ctx.device)
+
+    def features(batch: torch.Tensor) -> torch.Tensor:  # uint8 B x 3 x S x S -> B x D
+        return runner(batch.permute(0, 2, 3, 1).contiguous())
+
+    try:
+        for family in p.families:
+            if family == "multiview":
+                pairs = _row_pairs(ctx, feats)
+                if not pairs:
+                    details["multiview"] = "no multi-view pairs in this dataset (CheXpert frontal/lateral, EyePACS eyes)"
+                    continue
+                st, ev = choose_pair_indices(pairs, len(records), seed=seed, n_stats=p.n_stats, n_eval=p.n_eval)
+                stats = feature_statistics(cached[st], estimator=p.estimator)
+                chosen = np.asarray(pairs)[ev]
+                res = pair_invariance(stats, cached[chosen[:, 0]], cached[chosen[:, 1]], family="multiview")
+            else:
+                st_pos, ev_pos = choose_indices(len(records), seed=seed, n_stats=p.n_stats, n_eval=p.n_eval,
+                                                disjoint=p.disjoint)
+                st, ev = order[st_pos], order[ev_pos]
+                stats = feature_statistics(cached[st], estimator=p.estimator)
+                fam = transform_family(family, k=p.rotations)
+                views = view_features(features, [records[i].path for i in ev], fam, size=ctx.prepared().size,
+                                      batch_size=p.batch_size)
+                res = invariance_from_features(stats, views[:, fam.identity], views, params=fam.params,
+                                               identity=fam.identity, include_identity=p.include_identity,
+                                               family=family)
+            metrics[family] = float(res.invariance)
+            details[family] = res.summary()
+    finally:
+        runner.restore()
+    if not metrics:
+        raise InvarianceError("invariance: no family could be computed on this dataset")
+    metrics["invariance_mean"] = float(np.mean(list(metrics.values())))
+    return EvalResult(
+        protocol="invariance", metrics=metrics, params=p.to_dict(), details=details,
+        headline=Headline("invariance_mean", metrics["invariance_mean"], None, True))
+
+
+def _row_pairs(ctx: Any, feats: Any) -> list[tuple[int, int]]:
+    """The dataset's multi-view pairs as rows of ``feats`` (bad images left out)."""
+    ds = ctx.dataset
+    if not ds.pairs:
+        return []
+    row_of = {r.path: i for i, r in enumerate(feats.records)}
+    return [(row_of[ds.records[a].path], row_of[ds.records[b].path]) for a, b in ds.pairs
+            if ds.records[a].path in row_of and ds.records[b].path in row_of]
+
+
+register_protocol(Protocol(
+    name="invariance", version="1", params=InvarianceParams, run=_run, analysis=True,
+    needs=Needs(features=("pooled",), model=True, accelerator="cpu"),
+    compat={"paper": {"estimator": "ridge", "include_identity": True, "disjoint": False}},
+    description="whitened-cosine invariance to rotation, flips, hue and across views (paper Tables A1-A3)",
+))
