@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,24 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("MEDXFER_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registries() -> Iterator[None]:
+    """Models, datasets and protocols a test registers (custom weights, pretrained models,
+    temporary protocols) are removed afterwards, so test order never matters."""
+    from medxfer.data.registry import DATASETS
+    from medxfer.models.spec import MODELS
+    from medxfer.protocols.base import PROTOCOLS
+
+    registries = (MODELS, DATASETS, PROTOCOLS)
+    for registry in registries:  # built-ins first, so a restore never drops them
+        registry.names()
+    import medxfer.models.zoo  # noqa: F401
+    saved = [(dict(r._items), dict(r._aliases), r._plugins_loaded) for r in registries]
+    yield
+    for registry, (items, aliases, loaded) in zip(registries, saved):
+        registry._items, registry._aliases, registry._plugins_loaded = items, aliases, loaded
 
 
 def lazy_synthetic_copies(base: Path, n_per_class: int, size: int, seed: int) -> Callable[[str], Path]:
