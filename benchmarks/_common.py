@@ -141,3 +141,32 @@ def bf16_supported() -> bool:
 
 def ratio_line(value: float) -> str:
     return f"ratio={value:.3f}"
+
+
+
+class LogregCertificate:
+    """The linear probe's convergence certificate ``rel``, recomputed independently (float64
+    numpy) from its definition in :mod:`medxfer.protocols.logreg`, for any solver's solutions
+    on one training set ``x`` (N x D), ``y`` (N, labels < ``k``)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, k: int) -> None:
+        self.x = np.asarray(x, dtype=np.float64)
+        self.xc = self.x - self.x.mean(0)
+        self.fro = float(np.linalg.norm(self.xc))
+        self.onehot = np.eye(k)[np.asarray(y)]
+
+    def __call__(self, coef: np.ndarray, intercept: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+        """``rel`` per model for coef M x D x K, intercept M x K (multinomial coefficients)."""
+        n, (m, d, k) = len(self.x), coef.shape
+        z = (self.x @ coef.transpose(1, 0, 2).reshape(d, m * k)).reshape(n, m, k) + intercept[None]
+        z -= z.max(2, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(2, keepdims=True)
+        r = (p - self.onehot[:, None, :]) / n  # N x M x K
+        mu = (np.asarray(lambdas, dtype=np.float64) / n)[:, None, None]
+        g_w = (self.xc.T @ r.reshape(n, m * k)).reshape(d, m, k).transpose(1, 0, 2) + mu * coef
+        r_k = np.sqrt((r ** 2).sum(0))  # M x K
+        scale = self.fro * np.linalg.norm(r_k, axis=1) + mu[:, 0, 0] * np.linalg.norm(coef, axis=(1, 2))
+        rel_w = np.linalg.norm(g_w, axis=(1, 2)) / scale
+        rel_b = np.max(np.abs(r.sum(0)) / (np.sqrt(n) * r_k), axis=1)
+        return np.maximum(rel_w, rel_b)
