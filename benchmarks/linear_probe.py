@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LogregCertificate, load_average, machine  # noqa: E402
+from _common import LogregCertificate, load_average, machine
 
 TEST_GAP = 0.2  # test accuracy points the two answers may differ by (5,000 test rows: 10 rows)
 CURVE_GAP = 0.5  # validation accuracy points, at every C

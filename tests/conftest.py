@@ -67,5 +67,8 @@ def lazy_synthetic_copies(base: Path, n_per_class: int, size: int, seed: int) ->
 # the session-scoped headless Chromium (tests/browser.py); skipped where there is none
 from browser import browser  # noqa: E402,F401
 
+# the session-scoped local Ray cluster (tests/ray_cluster.py); skipped where Ray cannot start
+from ray_cluster import ray_cluster  # noqa: E402,F401
+
 # a real tiny run (two random-weight models, few-shot and linear) for the report tests
 from report_fixtures import tiny_run  # noqa: E402,F401

@@ -268,13 +268,13 @@ def test_protocol_defaults_give_certified_fits() -> None:
     # the protocol passes its tol (1e-4) straight through; at C = 1e6, where the issue saw
     # 24-44 points of difference, its validation accuracy is the tight fit's
     from medxfer.features import FeatureSet
-    from medxfer.protocols.linear import run_linear
+    from medxfer.protocols.linear import LinearParams, evaluate_linear
 
     xf, yf, xv, yv, _ = hard_problem("separable")
     x = np.concatenate([xf, xv])
     y = np.concatenate([yf, yv])
     splits = np.array(["train"] * len(xf) + ["val"] * 400 + ["test"] * 400, dtype=object)
-    res = run_linear(FeatureSet.from_arrays(x, y, splits, model="m", dataset="d"), seed=0)
+    res = evaluate_linear(FeatureSet.from_arrays(x, y, splits), LinearParams(), seed=0)
     assert not res.details["non_converged"] and res.details["refit_converged"]
     ref = linear_model.LogisticRegression(C=1 / GRID[0], tol=1e-10, max_iter=100000, solver="newton-cg")
     ref.fit(xf.astype(np.float64), yf)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ from medxfer.cache import (
     resolve_cache_dir,
 )
 from medxfer.config import DatasetArg, RunSpec
-from medxfer.errors import MedxferError, OutputError, UsageError
+from medxfer.errors import DiskFullError, MedxferError, OutputError, UsageError
 from medxfer.protocols.base import PROTOCOLS, EvalResult, Params, Protocol
 
 if TYPE_CHECKING:
@@ -194,9 +195,10 @@ class DirectContext(Context):
 class CellContext(Context):
     """The context of one cell in a run, served by the run's :class:`Session`."""
 
-    def __init__(self, session: Session, cell: Cell) -> None:
+    def __init__(self, session: Session, cell: Cell, credits: dict[str, float] | None = None) -> None:
         self.session = session
         self.cell = cell
+        self.credits = dict(credits or {})  # artifact key -> seconds: built for this cell by another task
         self.device = session.device
         self.precision = session.spec.precision
         self.timings: dict[str, float] = {}
@@ -235,6 +237,8 @@ class CellContext(Context):
         if name in self.inputs:
             return
         built = built and self.session.claim(key)  # only the first cell to use a fresh artifact built it
+        if key in self.credits:  # built for this cell by a dependency task (the Ray executor)
+            built, seconds = True, self.credits[key]
         entry: dict[str, Any] = {"key": key, "built": built}
         marker = _marker(folder)
         if marker is not None:
@@ -284,7 +288,9 @@ class Session:
 
     def __init__(self, spec: RunSpec) -> None:
         from medxfer.devices import resolve_device
+        from medxfer.models.custom import register_recorded_models
 
+        register_recorded_models(spec.custom_models)  # the user's own checkpoints, on every worker
         self.spec = spec
         self.out = Path(spec.out).expanduser()
         check_writable(self.out, "output folder")
@@ -295,6 +301,7 @@ class Session:
         self._prepared: dict[tuple[str, int, str], tuple[PreparedImages, float]] = {}
         self._features: dict[tuple[str, str, str, str], tuple[FeatureSet, float]] = {}
         self._claimed: set[str] = set()
+        self.notes: dict[str, Any] = {}  # executor facts recorded in run.json (e.g. the Ray tasks)
 
     @property
     def results_dir(self) -> Path:
@@ -324,6 +331,10 @@ class Session:
 
             self._datasets[arg.label] = load_dataset(arg.kind, arg.root, skip_bad=self.spec.skip_bad, **arg.options)
         return self._datasets[arg.label]
+
+    def loaded_datasets(self) -> dict[str, Dataset]:
+        """The datasets this session has read, by label."""
+        return dict(self._datasets)
 
     def prepared(self, arg: DatasetArg, size: int, resize: str) -> tuple[PreparedImages, float]:
         key = (arg.label, size, resize)
@@ -361,8 +372,8 @@ class Session:
         self._claimed.add(artifact)
         return True
 
-    def context(self, cell: Cell) -> CellContext:
-        return CellContext(self, cell)
+    def context(self, cell: Cell, credits: dict[str, float] | None = None) -> CellContext:
+        return CellContext(self, cell, credits)
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -427,6 +438,20 @@ def check_cell(cell: Cell, session: Session) -> None:
     params = ctx.params()
     if proto.check is not None:
         proto.check(ctx.dataset.label_view(), params, cell.seed)
+
+
+def check_cells(cells: Sequence[Cell], session: Session) -> tuple[list[Cell], list[CellOutcome]]:
+    """(cells that pass :func:`check_cell`, outcomes of those that fail, with the reason)."""
+    runnable, failed = [], []
+    for cell in cells:
+        try:
+            check_cell(cell, session)
+        except MedxferError as exc:
+            log.error("%s cannot run: %s", cell.describe(), exc)
+            failed.append(CellOutcome(cell, "failed", error=str(exc)))
+        else:
+            runnable.append(cell)
+    return runnable, failed
 
 
 def run_cell(cell: Cell, ctx: CellContext) -> CellRun:
@@ -515,14 +540,18 @@ class CellOutcome:
     status: str
     result: Result | None = None
     error: str | None = None
+    where: dict[str, Any] | None = None  # where it ran (the Ray executor: node, resources, pid)
 
 
-def execute_cell(cell: Cell, session: Session) -> CellOutcome:
+def execute_cell(cell: Cell, session: Session, credits: dict[str, float] | None = None) -> CellOutcome:
     """:func:`run_cell` with failures recorded, not raised: one cell that cannot run does not
     stop the others. User errors keep their one-line message; anything else is logged with
-    its traceback (a bug) and recorded too."""
+    its traceback (a bug) and recorded too. A full disk is raised (every other cell would
+    fail the same way). ``credits``: artifacts built for this cell by other tasks."""
     try:
-        out = run_cell(cell, session.context(cell))
+        out = run_cell(cell, session.context(cell, credits))
+    except DiskFullError:
+        raise
     except MedxferError as exc:
         log.error("%s failed: %s", cell.describe(), exc)
         return CellOutcome(cell, "failed", error=str(exc))

@@ -80,6 +80,9 @@ class RunSpec:
     skip_bad: bool = False
     workers: int | None = None  # decoding workers; None = all cores
     executor: str = "local"  # where cells run (see medxfer.executors)
+    address: str | None = None  # the Ray cluster (executor ray; None: $RAY_ADDRESS, else a local one)
+    cpus_per_task: int = 1  # CPUs (and so threads) each CPU task asks of Ray
+    custom_models: tuple[dict[str, Any], ...] = ()  # specs of the user's own checkpoints (workers register them)
     blocks: tuple[dict[str, Any], ...] = ()  # sub-grids {models, datasets, protocols}: cells = their union
     overrides: tuple[dict[str, Any], ...] = ()  # {models, datasets, protocols, protocol_params}: per-cell params
 
@@ -110,6 +113,8 @@ class RunSpec:
             raise SpecError("seeds: give at least one seed")
         if self.batch_size is not None and self.batch_size < 1:
             raise SpecError(f"batch_size: {self.batch_size} must be at least 1")
+        if self.cpus_per_task < 1:
+            raise SpecError(f"cpus_per_task: {self.cpus_per_task} must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise SpecError(f"workers: {self.workers} must be 0 or more")
         if self.image_size < MIN_IMAGE_SIZE:
@@ -129,6 +134,9 @@ class RunSpec:
                         raise SpecError(f"{where}[{i}].{key}: expected a list of names")
                 if "protocol_params" in item and not isinstance(item["protocol_params"], dict):
                     raise SpecError(f"{where}[{i}].protocol_params: expected a mapping")
+        for i, item in enumerate(self.custom_models):
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("arch"), str):
+                raise SpecError(f"custom_models[{i}]: expected a model spec with a name and an arch")
         labels = [d.label for d in self.datasets]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:

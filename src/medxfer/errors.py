@@ -28,6 +28,10 @@ class OutputError(MedxferError, OSError):
     """An output, work or cache folder that cannot be created or written."""
 
 
+class DiskFullError(OutputError):
+    """A write failed because the file system is full (or over quota); the message names the file."""
+
+
 class UnknownNameError(MedxferError, KeyError):
     """A name that is not registered; the message suggests close matches."""
 

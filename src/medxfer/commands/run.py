@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=["aspect", "squash"], help="aspect (default) or the authors' squash")
     p.add_argument("--workers", type=int, help="decoding workers (default: all cores)")
     p.add_argument("--cache-dir", help="cache folder (default $MEDXFER_CACHE or ~/.cache/medxfer)")
+    p.add_argument("--executor", help="where cells run: local (default, this process) or ray (a Ray cluster; "
+                                      'pip install "medxfer[ray]")')
+    p.add_argument("--address", help="the Ray cluster's head, HOST:PORT (default $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--cpus-per-task", type=int, help="Ray: CPUs each CPU task (prepare, few-shot, linear ...) asks for "
+                                                   "(default 1; the task runs that many threads)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run recorded in RUN_DIR/run.json (its spec; "
+                                                       "only --executor, --address, --cpus-per-task, --device and --workers may change)")
     p.add_argument("--plan", action="store_true", help="print the grid, what is cached and a time estimate; "
                                                        "run and download nothing")
 
@@ -62,8 +69,32 @@ def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]
     return out
 
 
+_RESUME_CHANGES = ("executor", "address", "device", "workers", "cpus_per_task")
+
+
+def _resume_from_args(args: argparse.Namespace) -> RunSpec:
+    from medxfer.pipeline import resume_spec
+
+    given = [flag for flag, value in (("--config", args.config), ("--preset", args.preset), ("--models", args.models),
+                                      ("--model-file", args.model_file), ("--dataset", args.dataset),
+                                      ("--dataset-option", args.dataset_option), ("--protocols", args.protocols),
+                                      ("--set", args.set), ("--out", args.out), ("--weights", args.weights),
+                                      ("--seed", args.seed), ("--compat", args.compat), ("--search", args.search),
+                                      ("--skip-bad", args.skip_bad), ("--batch-size", args.batch_size),
+                                      ("--precision", args.precision), ("--image-size", args.image_size),
+                                      ("--resize", args.resize), ("--cache-dir", args.cache_dir)) if value]
+    if given:
+        raise SpecError(f"--resume {args.resume} continues the recorded run spec; {', '.join(given)} cannot change it "
+                        f"(only {', '.join('--' + c.replace('_', '-') for c in _RESUME_CHANGES)} can)")
+    changes = {c: getattr(args, c) for c in _RESUME_CHANGES if getattr(args, c) is not None}
+    return resume_spec(args.resume, **changes)
+
+
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    """Merge a YAML spec (if any) with command-line options into one validated RunSpec."""
+    """Merge a YAML spec (if any) with command-line options into one validated RunSpec
+    (``--resume RUN_DIR``: the spec recorded in the run folder)."""
+    if getattr(args, "resume", None):
+        return _resume_from_args(args)
     base: dict[str, Any] = {}
     if args.config and args.preset:
         raise SpecError("give --config or --preset, not both")
@@ -95,7 +126,9 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     for field_name, value in (("out", args.out), ("weights", args.weights), ("compat", args.compat),
                               ("device", args.device), ("batch_size", args.batch_size),
                               ("precision", args.precision), ("image_size", args.image_size),
-                              ("resize", args.resize), ("workers", args.workers), ("cache_dir", args.cache_dir)):
+                              ("resize", args.resize), ("workers", args.workers), ("cache_dir", args.cache_dir),
+                              ("executor", args.executor), ("address", args.address),
+                              ("cpus_per_task", args.cpus_per_task)):
         if value is not None:
             base[field_name] = value
     if args.skip_bad:

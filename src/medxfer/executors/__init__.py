@@ -1,7 +1,10 @@
 """Executors decide where and when cells run; every executor calls :func:`medxfer.cell.run_cell`.
 
-``local`` (default) runs the cells one by one in this process. Third-party executors (the Ray
-executor goes here) register an :class:`Executor` in :data:`EXECUTORS`.
+``local`` (default) runs the cells one by one in this process; ``ray`` runs the grid's
+prepare, extract and cell tasks on a Ray cluster (:mod:`medxfer.executors.ray`). Third-party
+executors register an :class:`Executor` in :data:`EXECUTORS`. An executor may also have
+``preflight(cells, session)``, called before anything is written (the Ray executor checks
+the cluster's resources there).
 """
 from __future__ import annotations
 
@@ -26,3 +29,4 @@ def register_executor(name: str, factory: Callable[[], Executor]) -> None:
 
 
 from medxfer.executors import local as _local  # noqa: E402,F401  (registers "local")
+from medxfer.executors import ray as _ray  # noqa: E402,F401  (registers "ray"; Ray itself is imported on use)

@@ -10,9 +10,11 @@ complete trunk; if several do (e.g. MoCo's query and key encoders) the user must
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,5 +159,40 @@ def load_model_file(path: str | os.PathLike[str]) -> list[str]:
             )
         except (KeyError, ValueError) as exc:
             raise UsageError(f"{where}: {exc}") from exc
+        names.append(spec.name)
+    return names
+
+
+_TUPLE_FIELDS = {f.name for f in dataclasses.fields(ModelSpec) if str(f.type).startswith("tuple")}
+
+
+def custom_model_records(names: Iterable[str]) -> list[dict[str, Any]]:
+    """The full specs (plain dicts) of the models among ``names`` that are the user's own
+    checkpoints (a spec with a local ``path``), so that a run spec carries them to workers."""
+    out = []
+    for name in names:
+        spec = MODELS.get(name)
+        if spec.path is not None:
+            out.append({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()})
+    return out
+
+
+def register_recorded_models(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Register the specs recorded by :func:`custom_model_records` (idempotently: a worker or a
+    resumed run does this from the run spec). A name registered with other settings is an error."""
+    names = []
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    for i, record in enumerate(records):
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise UsageError(f"custom_models[{i}]: unknown field(s) {', '.join(unknown)}")
+        spec = ModelSpec(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in record.items()})
+        if spec.name in MODELS:
+            old = MODELS.get(spec.name)
+            if old != spec:
+                raise UsageError(f"custom model {spec.name!r} is already registered with other settings "
+                                 f"({old.path or 'a built-in model'})")
+        else:
+            register_model(spec)
         names.append(spec.name)
     return names

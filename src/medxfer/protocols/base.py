@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from medxfer.data.records import LabelView
 from medxfer.registry import Registry
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from medxfer.cell import Context
     from medxfer.data.records import DatasetInfo
 
-__all__ = ["EvalResult", "Headline", "LabelView", "Needs", "PROTOCOLS", "Params", "Protocol", "register_protocol"]
+__all__ = ["EvalResult", "Headline", "Input", "LabelView", "Needs", "PROTOCOLS", "Params", "Protocol", "register_protocol"]
 
 
 @dataclass(frozen=True)
@@ -74,19 +74,46 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
+class Input:
+    """One cache artifact a cell reads, for executors that build artifacts before the cells.
+
+    ``kind``: ``"prepared"`` (decoded images at ``size`` x ``resize``; None = the run's
+    evaluation size and transform) or ``"features"`` (``layer`` of the run's model, extracted
+    from the images prepared with ``resize`` at the run's evaluation size).
+    """
+
+    kind: Literal["prepared", "features"]
+    layer: str = "pooled"
+    size: int | None = None
+    resize: str | None = None
+
+
+@dataclass(frozen=True)
 class Needs:
     """What a protocol needs, for planners and executors (never used to call it).
 
     ``features``: feature layers it reads (extracted first, once per model and dataset);
     ``images``: whether it reads prepared images (at the run's evaluation size); ``model``:
     whether it runs the backbone itself; ``accelerator``: ``"gpu"`` when it should run where a
-    GPU is, ``"cpu"`` when CPUs suffice.
+    GPU is, ``"cpu"`` when CPUs suffice. ``inputs(params)``, when given, lists the cache
+    artifacts a cell with these parameters reads (other sizes or transforms than the run's);
+    otherwise they follow from ``features`` and ``images``.
     """
 
     features: tuple[str, ...] = ()
     images: bool = False
     model: bool = False
-    accelerator: str = "cpu"
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    inputs: Callable[[Any], tuple[Input, ...]] | None = None
+
+    def artifacts(self, params: Any) -> tuple[Input, ...]:
+        """The cache artifacts a cell with ``params`` reads (see the class docstring)."""
+        if self.inputs is not None:
+            return tuple(self.inputs(params))
+        found = [Input("features", layer=layer) for layer in self.features]
+        if self.images:
+            found.append(Input("prepared"))
+        return tuple(found)
 
 
 RunFn = Callable[["Context", Any, int], EvalResult]

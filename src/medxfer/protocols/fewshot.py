@@ -22,7 +22,16 @@ import torch
 
 from medxfer.errors import UsageError
 from medxfer.features import FeatureSet
-from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
+from medxfer.protocols.base import (
+    EvalResult,
+    Headline,
+    Input,
+    LabelView,
+    Needs,
+    Params,
+    Protocol,
+    register_protocol,
+)
 from medxfer.typed import positive, setting
 
 if TYPE_CHECKING:
@@ -221,9 +230,13 @@ def evaluate_fewshot(features: FeatureSet, p: FewShotParams, seed: int) -> EvalR
     )
 
 
+def _resize(p: FewShotParams) -> str | None:
+    """The transform of the features: the authors squashed the small datasets only."""
+    return "squash" if p.paper_squash and p.pool_size is None else None
+
+
 def _run(ctx: Context, p: FewShotParams, seed: int) -> EvalResult:
-    squash = p.paper_squash and p.pool_size is None  # the authors squashed the small datasets only
-    return evaluate_fewshot(ctx.features(resize="squash" if squash else None), p, seed)
+    return evaluate_fewshot(ctx.features(resize=_resize(p)), p, seed)
 
 
 def _check(view: LabelView, p: FewShotParams, seed: int) -> None:
@@ -235,7 +248,8 @@ register_protocol(Protocol(
     version="1",
     params=FewShotParams,
     run=_run,
-    needs=Needs(features=("pooled",), accelerator="cpu"),
+    needs=Needs(features=("pooled",), accelerator="cpu",
+                inputs=lambda p: (Input("features", "pooled", resize=_resize(p)),)),
     check=_check,
     dataset_defaults=lambda info: {"n_way": info.fewshot_way, "n_shot": info.fewshot_shot,
                                    "pool_size": info.fewshot_pool, "pool_splits": info.fewshot_splits},

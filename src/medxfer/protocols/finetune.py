@@ -34,8 +34,17 @@ from medxfer.devices import resolve_device
 from medxfer.errors import UsageError
 from medxfer.models.backbone import Backbone
 from medxfer.models.normalize import get_normalizer
-from medxfer.prepare import PreparedImages
-from medxfer.protocols.base import EvalResult, Headline, LabelView, Needs, Params, Protocol, register_protocol
+from medxfer.prepare import KEEP, PreparedImages
+from medxfer.protocols.base import (
+    EvalResult,
+    Headline,
+    Input,
+    LabelView,
+    Needs,
+    Params,
+    Protocol,
+    register_protocol,
+)
 from medxfer.protocols.metrics import HEADLINE_METRICS, classification_metrics, test_report
 from medxfer.protocols.splits import SplitIndices, many_shot_splits
 from medxfer.training import SeededBatches, Trainer, cosine, load_batch, snapshot_state
@@ -441,7 +450,9 @@ def _check(view: LabelView, p: FinetuneParams, seed: int) -> None:
 
 register_protocol(Protocol(
     name="finetune", version=VERSION, params=FinetuneParams, run=_run, check=_check,
-    needs=Needs(images=True, model=True, accelerator="gpu"),
+    needs=Needs(images=True, model=True, accelerator="gpu",
+                inputs=lambda p: (Input("prepared"),) + ((Input("prepared", size=p.train_size, resize=KEEP),)
+                                                        if p.train_size else ())),
     key_extras=lambda p, device: {"autocast": autocast_name(p, device)},
     description="backbone + new linear head, all parameters trained with SGD/cosine, early stopping "
                 "on validation with the best weights restored, scored on test",

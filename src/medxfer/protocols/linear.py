@@ -78,8 +78,11 @@ def _medxfer_solver(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, x_a
                        init=(path.coef[i : i + 1], path.intercept[i : i + 1]), **opts)
         return one.predict_proba(x_test)[0], int(one.n_iter[0]), bool(one.converged[0])
 
-    info = {"device": path.device, "dtype": params.dtype, "matmul": path.matmul, "grad_max": path.grad_max.tolist(),
-            "stopping": "max |gradient| over coefficients and intercepts <= tol (exact products), or max_iter"}
+    info = {"device": path.device, "dtype": params.dtype, "matmul": path.matmul,
+            "rel_grad": path.rel_grad.tolist(), "dist_bound": path.dist_bound.tolist(),
+            "grad_max": path.grad_max.tolist(),
+            "stopping": "relative gradient certificate rel <= tol after at least one checked step "
+                        "(exact products; see medxfer.protocols.logreg), or max_iter"}
     return GridFit(val_proba, path.n_iter.tolist(), path.converged.tolist(), refit, info)
 
 
