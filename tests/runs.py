@@ -84,7 +84,9 @@ def comparable(run_dir: Path) -> dict[str, Any]:
         for key in ("timings", "created", "spec", "device"):
             d.pop(key)
         d["inputs"] = {k: {kk: vv for kk, vv in v.items() if kk != "built"} for k, v in d["inputs"].items()}
-        d["artifacts"] = [dict(a, sha256=_artifact_digest(run_dir / a["path"])) for a in d["artifacts"]]
+        # by content; a torch file's size also counts its execution facts (resumed_from, seconds)
+        d["artifacts"] = [{k: v for k, v in dict(a, sha256=_artifact_digest(run_dir / a["path"])).items()
+                           if not (k == "size" and a["path"].endswith(".pt"))} for a in d["artifacts"]]
         out[f.name] = _strip(d)
     return out
 
