@@ -30,11 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import medxfer  # noqa: E402
-import medxfer.cli  # noqa: E402  (imports torch and the verbs once, before forking)
-import medxfer.report.build  # noqa: E402,F401
-from medxfer.protocols import PROTOCOLS  # noqa: E402
-from runs import comparable, first_difference  # noqa: E402
+import medxfer
+import medxfer.cli  # imports torch and the verbs once, before forking
+import medxfer.report.build
+from medxfer.protocols import PROTOCOLS
+from runs import comparable, first_difference
 
 SRC = str(Path(medxfer.__file__).resolve().parent) + os.sep
 STAGES = (
