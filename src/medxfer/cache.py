@@ -156,12 +156,15 @@ def file_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path))
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if not waited:
-                log.info("waiting for another medxfer process to finish %s", what)
-                waited = True
-            lock.acquire()
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if not waited:
+                    log.info("waiting for another medxfer process to finish %s", what)
+                    waited = True
+                lock.acquire()
+        except FileNotFoundError:  # its folder was moved away while we waited
+            continue
         if _holds_lock_at(lock, Path(path)):
             break
         log.debug("lock %s was moved away while we waited; locking it again", path)
