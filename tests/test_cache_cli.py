@@ -248,3 +248,37 @@ def test_prune_needs_a_filter_and_ages_are_parsed_clearly(made: Made, capsys: py
 def test_missing_cache_lists_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, rows = _json(capsys, "ls", "--cache-dir", str(tmp_path / "nowhere"))
     assert rc == 0 and rows == [] and not (tmp_path / "nowhere").exists()
+
+
+def test_weights_and_auxiliary_files_are_listed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from medxfer.models.auxiliary import AUXILIARY, fetch_auxiliary
+    from medxfer.models.checkpoint import save_converted
+
+    cache = default_cache_dir()
+    weights = cache / "weights" / "test-tiny-0123456789ab.safetensors"
+    save_converted(weights, {"w": torch.zeros(4, 4)}, {"medxfer_model": "test-tiny", "format": "torchvision"})
+    src = tmp_path / AUXILIARY.get("lpips-alex").filename
+    src.write_bytes(b"not really alexnet")
+    aux = fetch_auxiliary("lpips-alex", source=src, cache_dir=cache, verify_hash=False)
+    rc, rows = _json(capsys, "verify")
+    got = {r["kind"]: (r["model"], r["status"]) for r in rows}
+    assert rc == 0 and got == {"weights": ("test-tiny", "UNCHECKED"), "auxiliary": ("lpips-alex", "OK")}
+    aux.write_bytes(b"not really alexneT")
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 4)
+    rc, rows = _json(capsys, "verify")
+    assert rc == 1 and {r["kind"]: r["status"] for r in rows} == {"weights": "CORRUPT", "auxiliary": "CORRUPT"}
+    assert all(r["path"] in r["message"] for r in rows)
+    assert main(["cache", "prune", "--model", "lpips-alex"]) == 0
+    assert not aux.exists() and not aux.with_suffix(".sha256").exists() and weights.is_file()
+
+
+def test_prune_deletes_what_an_interrupted_prune_left(made: Made, capsys: pytest.CaptureFixture[str]) -> None:
+    left = made.cache / "features" / f".{made.features['tiny-b'].name}.prune-dead"
+    os.rename(made.features["tiny-b"], left)
+    _, rows = _json(capsys, "ls")
+    assert str(left) not in {r["path"] for r in rows} and len(rows) == 2  # out of view already
+    assert main(["cache", "prune", "--model", "test-tiny"]) == 0
+    assert not left.exists() and not made.features["test-tiny"].exists() and made.prepared.is_dir()

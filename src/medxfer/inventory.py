@@ -538,9 +538,11 @@ def remove_artifact(a: Artifact, recheck: Callable[[Artifact], bool] | None = No
 
 
 def leftovers(cache: Path) -> list[Path]:
-    """Hidden temporaries of an interrupted prune (already out of every reader's view)."""
-    return [p for k in {kind.folder for _, kind in KINDS.items()} if (cache / k).is_dir()
-            for p in (cache / k).iterdir() if PRUNE_TAG in p.name]
+    """Hidden temporaries of an interrupted prune (already out of every reader's view), in the
+    kinds' folders and in ``pretrain/NAME/``."""
+    folders = [cache / k for k in sorted({kind.folder for _, kind in KINDS.items()})]
+    folders += [d for d in _visible(cache / "pretrain") if d.is_dir()]
+    return [p for f in folders if f.is_dir() for p in sorted(f.iterdir()) if PRUNE_TAG in p.name]
 
 
 def prune(cache: Path, selection: Selection, dry_run: bool = False) -> list[Pruned]:
