@@ -282,3 +282,32 @@ def test_prune_deletes_what_an_interrupted_prune_left(made: Made, capsys: pytest
     assert str(left) not in {r["path"] for r in rows} and len(rows) == 2  # out of view already
     assert main(["cache", "prune", "--model", "test-tiny"]) == 0
     assert not left.exists() and not made.features["test-tiny"].exists() and made.prepared.is_dir()
+
+
+def test_a_pretrained_model_is_one_artifact_with_its_record_weights_and_work_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("lightly")
+    from medxfer.pretrain import PretrainParams, parse_data, pretrain
+    from medxfer.testing import write_stripes_blobs
+
+    toy = parse_data(f"toy=folder:{write_stripes_blobs(tmp_path / 'data', n_per_class=4, size=32)}")
+    out = pretrain("mine", "test-tiny", [toy], PretrainParams(steps=2, batch_size=4, size=32, queue=64, out_dim=64,
+                                                              n_local=2, checkpoint_every=1),
+                   weights="random", cache_dir=default_cache_dir(), device="cpu")
+    rc, rows = _json(capsys, "verify", "--kind", "pretrained")
+    assert rc == 0 and len(rows) == 1
+    r = rows[0]
+    assert (r["model"], r["dataset"], r["status"], r["complete"]) == ("mine", "toy", "OK", True)
+    assert str(out.weights_path) in r["paths"] and str(out.record_path) == r["path"]
+    rc, rows = _json(capsys, "ls", "--kind", "weights")
+    assert rows == []  # its weights belong to the pretrained artifact
+    with open(out.weights_path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert main(["cache", "verify", "--model", "mine"]) == 1
+    assert str(out.weights_path) in capsys.readouterr().out
+    assert main(["cache", "prune", "--model", "mine"]) == 0
+    assert not out.weights_path.exists() and not out.record_path.exists()
+    assert not (default_cache_dir() / "pretrain" / "mine").exists()
