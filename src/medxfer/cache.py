@@ -144,19 +144,76 @@ def _json_default(obj: Any) -> Any:
 @contextmanager
 def file_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     """An exclusive inter-process lock (``filelock``) on ``path``; logs once when it must wait
-    for another process (which is then building ``what``)."""
+    for another process (which is then building ``what``).
+
+    When the lock file was moved away while we waited (``medxfer cache prune`` renames a
+    whole artifact folder, lock included), the lock is taken again on a fresh file at ``path``.
+    """
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another medxfer process to finish %s", what)
-        lock.acquire()
+    waited = False
+    while True:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if not waited:
+                    log.info("waiting for another medxfer process to finish %s", what)
+                    waited = True
+                lock.acquire()
+        except FileNotFoundError:  # its folder was moved away while we waited
+            continue
+        if _holds_lock_at(lock, Path(path)):
+            break
+        log.debug("lock %s was moved away while we waited; locking it again", path)
+        lock.release()
     try:
         yield
     finally:
         lock.release()
+
+
+def _holds_lock_at(lock: Any, path: Path) -> bool:
+    """Whether the descriptor ``lock`` holds is still the file at ``path`` (True when the
+    installed ``filelock`` does not tell us its descriptor)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if not isinstance(fd, int):
+        return True
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- last use
+
+LAST_USED = "last_used.json"
+
+
+def last_used_path(artifact: Path) -> Path:
+    """Where the last-use stamp of ``artifact`` lives: ``last_used.json`` inside an artifact
+    folder, ``.<name>.last_used.json`` beside an artifact file."""
+    return artifact / LAST_USED if artifact.is_dir() else artifact.with_name(f".{artifact.name}.last_used.json")
+
+
+def stamp_last_used(artifact: str | os.PathLike[str]) -> None:
+    """Record (atomically) that the pipeline opened ``artifact`` for reading now; a cache that
+    cannot be written only loses the stamp (logged at debug level)."""
+    try:
+        write_json_atomic(last_used_path(Path(artifact)),
+                          {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+    except OSError as exc:
+        log.debug("could not record the last use of %s: %s", artifact, exc)
+
+
+def read_last_used(artifact: Path) -> float | None:
+    """The time of the last-use stamp of ``artifact``, or None when there is none."""
+    try:
+        return float(json.loads(last_used_path(artifact).read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- the resumable array
@@ -229,11 +286,14 @@ class ResumableArray:
     """A resumable, locked, checksummed array artifact in ``folder`` (see the module docstring).
 
     Files: ``array.npy``, ``state.npy`` and ``notes.json`` while building, ``complete.json``
-    (the marker: meta, shape, dtype, size, SHA-256) once done, ``.lock``.
+    (the marker: meta, shape, dtype, size, SHA-256) once done, ``.lock``; ``about.json``
+    (``about``: what is being built, e.g. model and dataset, written when a build starts so an
+    unfinished artifact can be described) and ``last_used.json`` (stamped by :meth:`load`).
     """
 
     folder: Path
     what: str
+    about: dict[str, Any] | None = None
 
     @property
     def array_path(self) -> Path:
@@ -258,6 +318,10 @@ class ResumableArray:
     @property
     def lock_path(self) -> Path:
         return self.folder / ".lock"
+
+    @property
+    def about_path(self) -> Path:
+        return self.folder / "about.json"
 
     @property
     def complete(self) -> bool:
@@ -332,6 +396,7 @@ class ResumableArray:
         meta = dict(m["meta"])
         if m.get("rows_sha256") is not None:
             meta["rows"] = np.load(self.rows_path)
+        stamp_last_used(self.folder)
         return array, meta
 
     def discard(self) -> None:
@@ -380,6 +445,8 @@ class ResumableArray:
             except (OSError, ValueError) as exc:
                 log.warning("%s: unreadable partial build (%s); starting again", self.what, exc)
         self.discard()
+        if self.about is not None:
+            write_json_atomic(self.about_path, self.about)
         array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=tuple(shape))
         state = np.zeros(shape[0], dtype=np.int8)
         rows = np.zeros((shape[0], row_fields), dtype=np.int32) if row_fields else None

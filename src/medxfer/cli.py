@@ -9,7 +9,7 @@ import sys
 from medxfer.commands import COMMANDS
 from medxfer.errors import MedxferError
 
-VERB_MODULES = ("run", "analyze", "pretrain", "ls", "validate", "report", "demo", "fetch")
+VERB_MODULES = ("run", "analyze", "pretrain", "ls", "validate", "report", "demo", "fetch", "cache")
 log = logging.getLogger("medxfer")
 
 

@@ -54,10 +54,14 @@ def features_key(model: Backbone, prepared_key: str, precision: str = "fp32", la
 
 
 def features_artifact(model: Backbone, prepared_key: str, precision: str = "fp32", layer: str = LAYER,
-                      cache_dir: str | os.PathLike[str] | None = None) -> ResumableArray:
-    """The cache artifact of these features (ask it ``progress()`` or ``complete``)."""
+                      cache_dir: str | os.PathLike[str] | None = None, dataset: str | None = None) -> ResumableArray:
+    """The cache artifact of these features (ask it ``progress()`` or ``complete``); ``dataset``
+    (the prepared images' dataset name) only describes it, it is not part of the key."""
     key = features_key(model, prepared_key, precision, layer)
-    return ResumableArray(resolve_cache_dir(cache_dir) / "features" / key, f"{layer} features of {model.name}")
+    about = {"model": model.name, "dataset": dataset, "prepared_key": prepared_key, "layer": layer,
+             "precision": precision}
+    return ResumableArray(resolve_cache_dir(cache_dir) / "features" / key, f"{layer} features of {model.name}",
+                          about=about)
 
 
 def extract_features(
@@ -97,7 +101,7 @@ def extract_features(
     dim = model.layer_dim(layer)
     prepared = data if isinstance(data, PreparedImages) else prepare(
         data, size=size, resize=resize, cache_dir=cache_dir, progress=progress)
-    art = features_artifact(model, prepared.key, precision, layer, cache_dir)
+    art = features_artifact(model, prepared.key, precision, layer, cache_dir, dataset=prepared.dataset)
     n = len(prepared)
 
     def build(a: ResumableArray) -> dict[str, object]:
@@ -131,7 +135,8 @@ def extract_features(
             part.flush()
         seconds = time.perf_counter() - t0
         meta = {
-            "model": model.name, "weights": model.weights, "weights_hash": model.weights_hash,
+            "model": model.name, "dataset": prepared.dataset, "weights": model.weights,
+            "weights_hash": model.weights_hash,
             "model_fingerprint": model.fingerprint, "normalization": model.normalization.name,
             "prepared_key": prepared.key, "layer": layer, "n": n, "dim": dim, "device": str(dev),
             "precision": precision, "batch_size": runner.batch_cap or bs, "compile": compile,

@@ -212,7 +212,8 @@ def prepared_artifact(dataset: Dataset, size: int = 224, resize: str = "aspect",
     """The cache artifact of this dataset's prepared images (ask it ``progress()``, ``complete``)."""
     key = prepared_key(dataset, size, resize)
     return ResumableArray(resolve_cache_dir(cache_dir) / "prepared" / key,
-                          f"prepared images of {dataset.info.name} ({size}px, {resize})")
+                          f"prepared images of {dataset.info.name} ({size}px, {resize})",
+                          about={"dataset": dataset.info.name, "size": int(size), "resize": resize})
 
 
 def is_prepared(dataset: Dataset, size: int = 224, resize: str = "aspect",

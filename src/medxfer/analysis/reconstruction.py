@@ -98,6 +98,10 @@ def _perceptual(nets: tuple[str, ...], cache_dir: Any, device: str) -> Any:
         raise WeightsUnavailableError(
             f"LPIPS needs torchvision's ImageNet weights for {', '.join(missing)}, not in the cache: run "
             f"`medxfer fetch lpips` (online), or `medxfer fetch lpips --from DIR` with the three files")
+    from medxfer.cache import stamp_last_used
+
+    for n in nets:
+        stamp_last_used(auxiliary_path(f"lpips-{n}", cache_dir))
     return Perceptual({n: auxiliary_path(f"lpips-{n}", cache_dir) for n in nets},
                       sha256={n: recorded_sha256(f"lpips-{n}", cache_dir) for n in nets}, nets=nets, device=device,
                       size=None)

@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="cache folder to check for weights")
 
 
-def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+def text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    """Rows as plain left-aligned columns under a header line."""
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(_text_table(rows, COLUMNS[args.what]))
+        print(text_table(rows, COLUMNS[args.what]))
     return 0
 
 

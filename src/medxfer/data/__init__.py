@@ -1,6 +1,6 @@
 """Datasets: the record contract, the registry, official-layout adapters, generic sources."""
 from medxfer.data import builtin as _builtin  # noqa: F401  (registers built-in adapters)
-from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record
+from medxfer.data.records import Dataset, DatasetError, DatasetInfo, Record, SymlinkError
 from medxfer.data.registry import (
            DATASETS,
            DatasetAdapter,
@@ -12,5 +12,5 @@ from medxfer.data.synthetic import write_synthetic
 from medxfer.data.validate import validate_dataset
 
 __all__ = ["DATASETS", "Dataset", "DatasetAdapter", "DatasetError", "DatasetInfo", "Record",
-           "load_dataset", "read_split_file", "register_dataset", "validate_dataset", "write_split_file",
+           "SymlinkError", "load_dataset", "read_split_file", "register_dataset", "validate_dataset", "write_split_file",
            "write_synthetic"]

@@ -5,6 +5,14 @@ Folder: ``ROOT/<class>/**/*.png`` (classes = subfolder names, sorted), or with s
 ``label`` (optional ``split``, ``patient``); relative paths resolve against the CSV's folder
 and may not escape it. Class names are the label strings, sorted (numerically when every
 label is an integer).
+
+Symbolic links, both routes: a link is followed when its target lies inside the dataset
+folder (ROOT, or the CSV's folder) and refused when it points outside (a bad record naming
+the link and its target: an error, or skipped with ``skip_bad``). In a folder the rule
+applies to split, class and sub-folder links and to image links alike; a link inside ROOT
+counts as a copy of its target at the link's place (its class is the folder the link is in),
+a broken image link is a bad record, and a link back to a folder above it is not followed
+(it would loop; noted in ``problems``).
 """
 from __future__ import annotations
 
@@ -12,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medxfer.data.build import default_split_fn, finish_dataset, keep_given_or
-from medxfer.data.common import Issues, list_images, read_csv_rows
+from medxfer.data.common import Issues, is_image, read_csv_rows
 from medxfer.data.records import (
     Dataset,
     DatasetError,
     DatasetInfo,
     Record,
+    SymlinkError,
     check_inside,
+    is_inside,
 )
 from medxfer.data.registry import DatasetAdapter, DatasetOptions, register_dataset
 from medxfer.data.splits import normalise_split_name, paper_80_20
@@ -41,8 +51,50 @@ def generic_info(name: str, class_names: tuple[str, ...], layout: str) -> Datase
                        licence="the user's data", citation="")
 
 
+LINK_OUTSIDE = "symbolic link outside the dataset folder"
+LINK_HINT = "copy the target into the dataset folder, or point at a folder that holds both"
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _link_allowed(entry: Path, root_r: Path, issues: Issues) -> bool:
+    """The folder route's link rule for one entry (see the module docstring): True when it is
+    not a link, or a link to an existing target inside the root."""
+    if not entry.is_symlink():
+        return True
+    target = entry.resolve()
+    if not is_inside(root_r, target):
+        issues.bad(f"{entry}: symbolic link to {target}, outside the dataset folder {root_r}", kind=LINK_OUTSIDE,
+                   hint=LINK_HINT)
+        return False
+    if not target.exists():
+        issues.bad(f"{entry}: broken symbolic link (to {target})", kind="broken symbolic link")
+        return False
+    return True
+
+
+def _walk_images(folder: Path, root_r: Path, issues: Issues, above: frozenset[Path] = frozenset()) -> list[Path]:
+    """Image files under ``folder`` by the folder route's link rule, sorted; hidden entries skipped."""
+    real = folder.resolve()
+    if real in above:
+        issues.note(f"{folder}: links back to {real}, a folder above it; not followed")
+        return []
+    found: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        is_dir = entry.is_dir()
+        if not is_dir and not is_image(entry):
+            continue  # not a record, link or not
+        if not _link_allowed(entry, root_r, issues):
+            continue
+        if is_dir:
+            found.extend(_walk_images(entry, root_r, issues, above | {real}))
+        elif entry.is_file():
+            found.append(entry)
+    return found
 
 
 def load_folder(root: Path, o: GenericOptions, skip_bad: bool = False) -> Dataset:
@@ -51,17 +103,21 @@ def load_folder(root: Path, o: GenericOptions, skip_bad: bool = False) -> Datase
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found" if not root.exists() else f"{root}: not a folder")
     name = name or root.resolve().name
-    subdirs = _visible_dirs(root)
+    root_r = root.resolve()
+    issues = Issues(name, skip_bad)
+    subdirs = [d for d in _visible_dirs(root) if _link_allowed(d, root_r, issues)]
     split_dirs = {p.name: normalise_split_name(p.name) for p in subdirs}
     by_split = bool(subdirs) and all(s is not None for s in split_dirs.values())
     # (split, class folder) for every class folder
     class_dirs: list[tuple[str | None, Path]] = []
     if by_split:
         for sd in subdirs:
-            class_dirs.extend((split_dirs[sd.name], c) for c in _visible_dirs(sd))
+            class_dirs.extend((split_dirs[sd.name], c) for c in _visible_dirs(sd) if _link_allowed(c, root_r, issues))
     else:
         class_dirs = [(None, c) for c in subdirs]
     class_names = tuple(sorted({c.name for _, c in class_dirs}))
+    if len(class_names) < 2 and issues.n_bad:
+        issues.finish()  # say why folders were refused (links outside ROOT) before counting classes
     if len(class_names) < 2:
         found = ", ".join(class_names) or "none"
         hint = ""
@@ -70,11 +126,10 @@ def load_folder(root: Path, o: GenericOptions, skip_bad: bool = False) -> Datase
         raise DatasetError(f"{root}: an image folder needs one subfolder per class (at least 2); "
                            f"found {len(class_names)} ({found}){hint}")
     label_of = {c: i for i, c in enumerate(class_names)}
-    issues = Issues(name, skip_bad)
     records: list[Record] = []
     given: list[str | None] = []
     for sp, cdir in class_dirs:
-        images = list_images(cdir)
+        images = _walk_images(cdir, root_r, issues, frozenset({root_r, cdir.parent.resolve()}))
         if not images:
             issues.note(f"{cdir}: class folder has no images")
         for p in images:
@@ -111,6 +166,9 @@ def load_csv(root: Path, o: GenericOptions, skip_bad: bool = False) -> Dataset:
             continue
         try:
             path = check_inside(base, base / row["path"], where)
+        except SymlinkError as exc:
+            issues.bad(str(exc), kind=LINK_OUTSIDE, hint=LINK_HINT)
+            continue
         except DatasetError as exc:
             issues.bad(str(exc), kind="path outside the CSV folder")
             continue

@@ -182,10 +182,42 @@ class DatasetError(UsageError):
     """A dataset cannot be used as given; the message names the file, row or key."""
 
 
+class SymlinkError(DatasetError):
+    """A symbolic link whose target lies outside the dataset folder; the message names both."""
+
+
+def is_inside(root_r: Path, path_r: Path) -> bool:
+    """Whether resolved ``path_r`` is resolved ``root_r`` or lies below it."""
+    return path_r == root_r or root_r in path_r.parents
+
+
+def link_outside(root_r: Path, candidate: Path) -> tuple[Path, Path] | None:
+    """(link, its resolved target) for the first symbolic link on the way from ``root_r`` down
+    to ``candidate`` whose target lies outside ``root_r``; None when there is none."""
+    try:
+        rel = candidate.relative_to(root_r)
+    except ValueError:
+        return None  # not below the root as written: check_inside's own test refuses it
+    cur = root_r
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            target = cur.resolve()
+            if not is_inside(root_r, target):
+                return cur, target
+    return None
+
+
 def check_inside(root: Path, candidate: Path, where: str) -> Path:
-    """Resolve ``candidate`` and refuse paths that escape ``root`` (CSV path traversal)."""
+    """Resolve ``candidate`` and refuse paths that escape ``root`` (CSV path traversal), by
+    ``..``, an absolute path, or a symbolic link to a target outside it
+    (:class:`SymlinkError`, naming the link and its target)."""
     root_r = root.resolve()
+    link = link_outside(root_r, candidate)
+    if link is not None:
+        raise SymlinkError(f"{where}: {str(link[0])!r} is a symbolic link to {str(link[1])!r}, outside the "
+                           f"dataset folder {str(root_r)!r}")
     cand_r = candidate.resolve()
-    if cand_r != root_r and root_r not in cand_r.parents:
+    if not is_inside(root_r, cand_r):
         raise DatasetError(f"{where}: path {str(candidate)!r} escapes the dataset folder {str(root_r)!r}")
     return cand_r

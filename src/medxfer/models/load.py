@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from medxfer.cache import stamp_last_used
 from medxfer.models.backbone import Backbone, build_trunk
 from medxfer.models.checkpoint import read_converted, trunk_from_state
 from medxfer.models.errors import WeightsUnavailableError
@@ -25,6 +26,7 @@ __all__ = ["RANDOM_SEED", "WeightsUnavailableError", "is_cached", "load_model", 
 def pretrained_state_dict(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
     """The converted trunk weights of ``spec`` from the cache, fetching them if needed."""
     path = fetch(spec.base or spec.name, cache_dir=cache_dir)
+    stamp_last_used(path)
     return read_converted(path)
 
 
