@@ -185,14 +185,50 @@ class RunSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RunSpec:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpecError(f"{path}: cannot read run spec: {exc}") from None
+        """The spec in a YAML file; a missing file, invalid YAML (with its line and column) or a
+        bad field or protocol parameter is one :class:`SpecError` naming the file and key."""
+        data = read_yaml(path, "run spec")
         if not isinstance(data, dict):
             raise SpecError(f"{path}: a run spec must be a mapping")
-        return cls.from_dict(data, where=str(path))
+        spec = cls.from_dict(data, where=str(path))
+        _check_protocol_params(spec.protocol_params, where=str(path))
+        return spec
 
     def with_(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
 
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path``; one :class:`SpecError` naming the file (and for invalid
+    YAML the line and column) when it cannot be read or parsed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError(f"{path}: cannot read {what} ({reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise SpecError(f"{path}: {where}invalid YAML in {what}: {problem}"
+                        + (f" ({context})" if context else "")) from None
+
+
+def _check_protocol_params(params: dict[str, dict[str, Any]], where: str) -> None:
+    """Protocol names and parameter names/types of a spec file, named as the file spells them
+    (``protocol_params.fewshot.n_shot``), before the command line's ``--set`` is merged."""
+    from medxfer.errors import MedxferError
+    from medxfer.protocols.base import PROTOCOLS
+
+    for name, values in params.items():
+        try:
+            proto = PROTOCOLS.get(name)
+            proto.validate(values, spell=lambda key, name=name: f"protocol_params.{name}.{key}")
+        except MedxferError as exc:
+            raise SpecError(f"{where}: {exc}") from None

@@ -65,7 +65,12 @@ def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]
         group, dot, key = head.partition(".")
         if not eq or not dot or not group or not key:
             raise SpecError(f"{flag} {item!r}: expected GROUP.KEY=VALUE")
-        out.setdefault(group, {})[key] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(f"{flag} {item!r}: {key}: the value is not valid YAML ({problem})") from None
+        out.setdefault(group, {})[key] = parsed
     return out
 
 
