@@ -103,6 +103,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     base: dict[str, Any] = {}
     if args.config and args.preset:
         raise SpecError("give --config or --preset, not both")
+    file_models: list[str] = []
+    if args.model_file:  # registered first: a --config may name these models
+        from medxfer.models.custom import load_model_file
+
+        file_models = load_model_file(args.model_file)
     if args.config:
         base = RunSpec.from_yaml(args.config).to_dict()
     elif args.preset:
@@ -139,9 +144,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     if args.skip_bad:
         base["skip_bad"] = True
     if args.model_file:
-        from medxfer.models.custom import load_model_file
-
-        file_models = load_model_file(args.model_file)
         base.setdefault("models", file_models)
     if "models" not in base:
         raise SpecError("give --models (or --model-file, or a --config with models)")
