@@ -33,6 +33,9 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+_REASONS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
 def storage_error(exc: OSError, path: str | os.PathLike[str], what: str = "") -> OutputError | None:
     """The :class:`OutputError` an ``OSError`` from writing ``path`` means, or None when it is
     not about storage: a full disk or quota is a :class:`DiskFullError` naming the file; a
@@ -44,7 +47,7 @@ def storage_error(exc: OSError, path: str | os.PathLike[str], what: str = "") ->
         return DiskFullError(f"{label}{p}: cannot write, {reason}; free some space (or use another folder) "
                              "and run again")
     if exc.errno in NOT_WRITABLE:
-        reason = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        reason = _REASONS[exc.errno]
         folder = p if p.is_dir() else p.parent
         return OutputError(f"{label}{folder}: cannot write there ({reason})")
     return None
@@ -84,9 +87,7 @@ def ensure_dir(path: str | os.PathLike[str], what: str) -> Path:
     except OSError as exc:
         if exc.errno in DISK_FULL:
             raise DiskFullError(f"{what} {p}: cannot write there (no space left on the device)") from None
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EROFS:
-            reason = "read-only file system"
+        reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
         raise OutputError(f"{what} {p}: cannot write there ({reason})") from None
     return p
 
