@@ -323,10 +323,11 @@ class ResumableArray:
             return 0, None
         return int((state != STATE_TODO).sum()), int(state.size)
 
-    def verify(self, full: bool | None = None) -> str | None:
-        """None when the array matches its marker, else what is wrong. ``full``: hash the whole
-        file (default: for files up to :data:`FULL_VERIFY_BYTES`, else a sampled hash)."""
-        m = self.marker()
+    def verify(self, full: bool | None = None, marker: dict[str, Any] | None = None) -> str | None:
+        """None when the array matches its marker (``marker``: the one already read), else what
+        is wrong. ``full``: hash the whole file (default: for files up to
+        :data:`FULL_VERIFY_BYTES`, else a sampled hash)."""
+        m = marker if marker is not None else self.marker()
         if m is None:
             return "no completion marker"
         try:
@@ -350,24 +351,25 @@ class ResumableArray:
         _VERIFIED[memo] = True
         return None
 
-    def load(self) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """(read-only memmap, meta) of a complete, verified artifact; None when it is not there.
-        A corrupt one is removed (with a warning) so that it gets rebuilt."""
-        if not self.complete:
-            return None
-        problem = self.verify()
-        if problem is not None:
-            log.warning("%s: %s; rebuilding it", self.what, problem)
-            self.discard()
-            return None
+    def load(self, repair: bool = False) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """(read-only memmap, meta) of a complete, verified artifact; None when it is not there
+        or does not verify. ``repair``: remove a corrupt one (with a warning) so that it gets
+        rebuilt; only under the lock (:meth:`get_or_build`), never while another process may be
+        rebuilding it."""
         m = self.marker()
-        assert m is not None
-        array = np.load(self.array_path, mmap_mode="r")
-        if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
-            log.warning("%s: array has shape %s %s, the marker says %s %s; rebuilding it", self.what,
-                        array.shape, array.dtype, m["shape"], m["dtype"])
-            del array
-            self.discard()
+        if m is None:
+            return None
+        problem = self.verify(marker=m)
+        array = None
+        if problem is None:
+            array = np.load(self.array_path, mmap_mode="r")
+            if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
+                problem = f"array has shape {array.shape} {array.dtype}, the marker says {m['shape']} {m['dtype']}"
+                array = None
+        if problem is not None:
+            if repair:
+                log.warning("%s: %s; rebuilding it", self.what, problem)
+                self.discard()
             return None
         meta = dict(m["meta"])
         if m.get("rows_sha256") is not None:
@@ -387,11 +389,11 @@ class ResumableArray:
             return loaded[0], loaded[1], False
         ensure_dir(self.folder, f"cache folder for {self.what}")
         with file_lock(self.lock_path, self.what):
-            loaded = self.load()
+            loaded = self.load(repair=True)  # built meanwhile by another process, or corrupt: removed here
             if loaded is not None:
                 return loaded[0], loaded[1], False
             build(self)
-        loaded = self.load()
+            loaded = self.load()
         if loaded is None:
             raise ArtifactError(f"{self.what}: built but not readable at {self.folder}")
         return loaded[0], loaded[1], True
