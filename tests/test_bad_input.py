@@ -422,3 +422,23 @@ def test_a_disk_that_fills_under_the_memory_map_is_an_error_not_a_crash(tmp_path
         assert_nothing_half_written(w.out, cache)
     finally:
         mounts.close()
+
+
+def test_a_writer_that_hides_the_errno_on_a_full_disk_is_still_a_disk_full_error(tmp_path: Path) -> None:
+    """``torch.save`` reports a full disk as a RuntimeError without the errno (a finetuning
+    checkpoint): the atomic write still says the disk is full, naming the file, and leaves
+    no temporary file."""
+    import torch
+
+    from medxfer.cache import atomic_path
+    from medxfer.errors import DiskFullError
+
+    mounts = Mounts()
+    try:
+        small = mounts.tmpfs(tmp_path / "small", size="16k")
+        with pytest.raises(DiskFullError, match=r"checkpoint\.pt: cannot write, no space left on the device"):
+            with atomic_path(small / "checkpoint.pt") as tmp:
+                torch.save({"w": torch.zeros(100_000)}, tmp)
+        assert list(small.iterdir()) == []
+    finally:
+        mounts.close()

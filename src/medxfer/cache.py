@@ -132,9 +132,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _nearly_full(final.parent):  # a writer that hides the errno (torch.save)
+            raise DiskFullError(f"{final}: cannot write, no space left on the device ({type(exc).__name__}: "
+                                f"{exc}); free some space (or use another folder) and run again") from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(final.parent)
+
+
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than :data:`NEARLY_FULL_BYTES` free: then
+    a failed write whose library lost the ``errno`` (``torch.save`` raises a RuntimeError) is a
+    full disk."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
 def _fsync_dir(directory: Path) -> None:
