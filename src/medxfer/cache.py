@@ -24,11 +24,48 @@ from typing import Any
 
 import numpy as np
 
-from medxfer.errors import OutputError
+from medxfer.errors import DiskFullError, MedxferError, OutputError
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "MEDXFER_CACHE"
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+_REASONS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def storage_error(exc: OSError, path: str | os.PathLike[str], what: str = "") -> OutputError | None:
+    """The :class:`OutputError` an ``OSError`` from writing ``path`` means, or None when it is
+    not about storage: a full disk or quota is a :class:`DiskFullError` naming the file; a
+    read-only file system or a denied permission is an :class:`OutputError` naming the folder."""
+    p = Path(path)
+    label = f"{what} " if what else ""
+    if exc.errno in DISK_FULL:
+        reason = "over the disk quota" if exc.errno == errno.EDQUOT else "no space left on the device"
+        return DiskFullError(f"{label}{p}: cannot write, {reason}; free some space (or use another folder) "
+                             "and run again")
+    if exc.errno in NOT_WRITABLE:
+        reason = _REASONS[exc.errno]
+        folder = p if p.is_dir() else p.parent
+        return OutputError(f"{label}{folder}: cannot write there ({reason})")
+    return None
+
+
+@contextmanager
+def storage_errors(path: str | os.PathLike[str], what: str = "") -> Iterator[None]:
+    """Turn a full disk, a read-only file system or a denied write under this block into one
+    :class:`OutputError` naming ``path`` (see :func:`storage_error`); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, MedxferError):
+            raise
+        translated = storage_error(exc, path, what)
+        if translated is None:
+            raise
+        raise translated from None
 
 
 def default_cache_dir() -> Path:
@@ -48,9 +85,9 @@ def ensure_dir(path: str | os.PathLike[str], what: str) -> Path:
     except FileExistsError:
         raise OutputError(f"{what} {p}: a file is in the way (need a folder)") from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EROFS:
-            reason = "read-only file system"
+        if exc.errno in DISK_FULL:
+            raise DiskFullError(f"{what} {p}: cannot write there (no space left on the device)") from None
+        reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
         raise OutputError(f"{what} {p}: cannot write there ({reason})") from None
     return p
 
@@ -78,23 +115,45 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
 
-    Nothing half-written is ever visible under the final name: a crash leaves only a
-    ``.tmp`` file that is ignored (and overwritten) next time.
+    Nothing half-written is ever visible under the final name: a failed write removes the
+    temporary file (a crash leaves only a ``.tmp`` file that is ignored next time). A full
+    disk, a read-only file system or a denied write, here or in the caller's block, is one
+    :class:`OutputError` (:class:`DiskFullError` for a full disk) naming ``path``.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    with storage_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with storage_errors(final):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _nearly_full(final.parent):  # a writer that hides the errno (torch.save)
+            raise DiskFullError(f"{final}: cannot write, no space left on the device ({type(exc).__name__}: "
+                                f"{exc}); free some space (or use another folder) and run again") from exc
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
+
+
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than :data:`NEARLY_FULL_BYTES` free: then
+    a failed write whose library lost the ``errno`` (``torch.save`` raises a RuntimeError) is a
+    full disk."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -224,7 +283,7 @@ SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 256, 4096
 _VERIFIED: dict[tuple[str, int, int, int], bool] = {}  # (path, size, mtime_ns, inode) checked in this process
 
 
-class ArtifactError(OutputError):
+class ArtifactError(MedxferError, RuntimeError):
     """A cached artifact that is incomplete or corrupt (it is rebuilt)."""
 
 
@@ -347,10 +406,11 @@ class ResumableArray:
             return 0, None
         return int((state != STATE_TODO).sum()), int(state.size)
 
-    def verify(self, full: bool | None = None) -> str | None:
-        """None when the array matches its marker, else what is wrong. ``full``: hash the whole
-        file (default: for files up to :data:`FULL_VERIFY_BYTES`, else a sampled hash)."""
-        m = self.marker()
+    def verify(self, full: bool | None = None, marker: dict[str, Any] | None = None) -> str | None:
+        """None when the array matches its marker (``marker``: the one already read), else what
+        is wrong. ``full``: hash the whole file (default: for files up to
+        :data:`FULL_VERIFY_BYTES`, else a sampled hash)."""
+        m = marker if marker is not None else self.marker()
         if m is None:
             return "no completion marker"
         try:
@@ -374,24 +434,25 @@ class ResumableArray:
         _VERIFIED[memo] = True
         return None
 
-    def load(self) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """(read-only memmap, meta) of a complete, verified artifact; None when it is not there.
-        A corrupt one is removed (with a warning) so that it gets rebuilt."""
-        if not self.complete:
-            return None
-        problem = self.verify()
-        if problem is not None:
-            log.warning("%s: %s; rebuilding it", self.what, problem)
-            self.discard()
-            return None
+    def load(self, repair: bool = False) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """(read-only memmap, meta) of a complete, verified artifact; None when it is not there
+        or does not verify. ``repair``: remove a corrupt one (with a warning) so that it gets
+        rebuilt; only under the lock (:meth:`get_or_build`), never while another process may be
+        rebuilding it."""
         m = self.marker()
-        assert m is not None
-        array = np.load(self.array_path, mmap_mode="r")
-        if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
-            log.warning("%s: array has shape %s %s, the marker says %s %s; rebuilding it", self.what,
-                        array.shape, array.dtype, m["shape"], m["dtype"])
-            del array
-            self.discard()
+        if m is None:
+            return None
+        problem = self.verify(marker=m)
+        array = None
+        if problem is None:
+            array = np.load(self.array_path, mmap_mode="r")
+            if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
+                problem = f"array has shape {array.shape} {array.dtype}, the marker says {m['shape']} {m['dtype']}"
+                array = None
+        if problem is not None:
+            if repair:
+                log.warning("%s: %s; rebuilding it", self.what, problem)
+                self.discard()
             return None
         meta = dict(m["meta"])
         if m.get("rows_sha256") is not None:
@@ -412,11 +473,11 @@ class ResumableArray:
             return loaded[0], loaded[1], False
         ensure_dir(self.folder, f"cache folder for {self.what}")
         with file_lock(self.lock_path, self.what):
-            loaded = self.load()
+            loaded = self.load(repair=True)  # built meanwhile by another process, or corrupt: removed here
             if loaded is not None:
                 return loaded[0], loaded[1], False
             build(self)
-        loaded = self.load()
+            loaded = self.load()
         if loaded is None:
             raise ArtifactError(f"{self.what}: built but not readable at {self.folder}")
         return loaded[0], loaded[1], True
@@ -445,15 +506,36 @@ class ResumableArray:
             except (OSError, ValueError) as exc:
                 log.warning("%s: unreadable partial build (%s); starting again", self.what, exc)
         self.discard()
-        if self.about is not None:
-            write_json_atomic(self.about_path, self.about)
-        array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=tuple(shape))
-        state = np.zeros(shape[0], dtype=np.int8)
-        rows = np.zeros((shape[0], row_fields), dtype=np.int32) if row_fields else None
-        if rows is not None:
-            save_npy_atomic(self.rows_path, rows)
-        save_npy_atomic(self.state_path, state)
+        try:
+            if self.about is not None:
+                write_json_atomic(self.about_path, self.about)
+            array = self._allocate(tuple(shape), dtype)
+            state = np.zeros(shape[0], dtype=np.int8)
+            rows = np.zeros((shape[0], row_fields), dtype=np.int32) if row_fields else None
+            if rows is not None:
+                save_npy_atomic(self.rows_path, rows)
+            save_npy_atomic(self.state_path, state)
+        except OutputError:
+            self.discard()  # nothing was built yet: leave no preallocated file behind
+            raise
         return Partial(self, array, state, {}, checkpoint_every, on_progress, rows)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A new writable memmap at :attr:`array_path` whose blocks are reserved on disk now:
+        on a full disk that is a :class:`DiskFullError` here, not a SIGBUS when a page of the
+        memory map is first written."""
+        with storage_errors(self.array_path, self.what):
+            array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=shape)
+            fd = os.open(self.array_path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise
+                log.debug("%s: cannot preallocate %s (%s)", self.what, self.array_path, exc)
+            finally:
+                os.close(fd)
+        return array
 
     def finish(self, part: Partial, meta: dict[str, Any]) -> None:
         """Flush, check every row is done or failed, and write the marker (size + SHA-256)."""
@@ -465,7 +547,7 @@ class ResumableArray:
         if isinstance(part.array, np.memmap):
             part.array.flush()
         del part.array
-        with open(self.array_path, "rb+") as f:
+        with storage_errors(self.array_path, self.what), open(self.array_path, "rb+") as f:
             os.fsync(f.fileno())
         size = self.array_path.stat().st_size
         marker = {"meta": meta, "shape": shape, "dtype": dtype, "size": size,

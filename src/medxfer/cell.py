@@ -35,7 +35,7 @@ from medxfer.cache import (
     resolve_cache_dir,
 )
 from medxfer.config import DatasetArg, RunSpec
-from medxfer.errors import DiskFullError, MedxferError, OutputError, UsageError
+from medxfer.errors import MedxferError, OutputError, UsageError
 from medxfer.protocols.base import PROTOCOLS, EvalResult, Params, Protocol
 
 if TYPE_CHECKING:
@@ -294,6 +294,7 @@ class Session:
         self.spec = spec
         self.out = Path(spec.out).expanduser()
         check_writable(self.out, "output folder")
+        check_writable(self.results_dir, "results folder")
         self.cache_dir = resolve_cache_dir(spec.cache_dir)
         self.device = resolve_device(spec.device)
         self._model: tuple[str, Backbone] | None = None
@@ -546,11 +547,12 @@ class CellOutcome:
 def execute_cell(cell: Cell, session: Session, credits: dict[str, float] | None = None) -> CellOutcome:
     """:func:`run_cell` with failures recorded, not raised: one cell that cannot run does not
     stop the others. User errors keep their one-line message; anything else is logged with
-    its traceback (a bug) and recorded too. A full disk is raised (every other cell would
-    fail the same way). ``credits``: artifacts built for this cell by other tasks."""
+    its traceback (a bug) and recorded too. A full disk or an output or cache folder that
+    cannot be written (:class:`OutputError`) is raised: every other cell would fail the same
+    way. ``credits``: artifacts built for this cell by other tasks."""
     try:
         out = run_cell(cell, session.context(cell, credits))
-    except DiskFullError:
+    except OutputError:
         raise
     except MedxferError as exc:
         log.error("%s failed: %s", cell.describe(), exc)

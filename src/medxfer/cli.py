@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from medxfer.commands import COMMANDS
 from medxfer.errors import MedxferError
@@ -22,9 +23,16 @@ def _load_verbs() -> None:
                 raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (``medxfer VERB: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_verbs()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medxfer", description="Which pretrained backbone transfers best to your medical images?")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('medxfer').__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

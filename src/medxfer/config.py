@@ -1,9 +1,11 @@
 """The run spec: one frozen object describing a whole grid, from YAML, the CLI or Python."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -157,7 +159,10 @@ class RunSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            close = {k: difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.6) for k in unknown}
+            hints = "".join(f" Did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+            raise SpecError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}.{hints} "
+                            f"Known: {', '.join(sorted(known))}")
         d = dict(data)
         ds = d.get("datasets", [])
         if not isinstance(ds, list):
@@ -168,9 +173,12 @@ class RunSpec:
                 parsed.append(DatasetArg.parse(os.path.expandvars(item)))
             elif isinstance(item, dict):
                 try:
-                    parsed.append(DatasetArg(label=str(item["label"]), kind=str(item.get("kind", item["label"])),
-                                             root=os.path.expandvars(str(item["root"])),
-                                             options=dict(item.get("options") or {})))
+                    label, kind = str(item["label"]), str(item.get("kind", item["label"]))
+                    options = dict(item.get("options") or {})
+                    if kind in GENERIC_KINDS:  # as LABEL=KIND:PATH does: the user's data is named by its label
+                        options.setdefault("name", label)
+                    parsed.append(DatasetArg(label=label, kind=kind, root=os.path.expandvars(str(item["root"])),
+                                             options=options))
                 except KeyError as exc:
                     raise SpecError(f"{where}: datasets[{i}] lacks {exc.args[0]!r}") from None
             else:
@@ -185,14 +193,69 @@ class RunSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RunSpec:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpecError(f"{path}: cannot read run spec: {exc}") from None
+        """The spec in a YAML file; a missing file, invalid YAML (with its line and column) or a
+        bad field or protocol parameter is one :class:`SpecError` naming the file and key."""
+        data = read_yaml(path, "run spec")
         if not isinstance(data, dict):
             raise SpecError(f"{path}: a run spec must be a mapping")
-        return cls.from_dict(data, where=str(path))
+        spec = cls.from_dict(data, where=str(path))
+        _check_names(spec, where=str(path))
+        return spec
 
     def with_(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
 
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path``; one :class:`SpecError` naming the file (and for invalid
+    YAML the line and column) when it cannot be read or parsed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError(f"{path}: cannot read {what} ({reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise SpecError(f"{path}: {where}invalid YAML in {what}: {problem}"
+                        + (f" ({context})" if context else "")) from None
+
+
+def _check_names(spec: RunSpec, where: str) -> None:
+    """The names in a spec file (models, dataset kinds and options, protocols and their
+    parameters), each error naming the file and the key as the file spells it
+    (``datasets[0].options.split``, ``protocol_params.fewshot.n_shot``), before the command
+    line is merged. ``LABEL=ARCH:CHECKPOINT`` models are checked when they are registered."""
+    from medxfer.data.registry import DATASETS, dataset_options
+    from medxfer.errors import MedxferError, UnknownNameError
+    from medxfer.models.spec import MODELS
+    from medxfer.protocols.base import PROTOCOLS
+
+    def check(key: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"{where}: {key}: {exc}") from None
+        except MedxferError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+
+    recorded = {d.get("name") for d in spec.custom_models}
+    for i, model in enumerate(spec.models):
+        if "=" not in model and model not in recorded:
+            check(f"models[{i}]", lambda m=model: MODELS.get(m))
+    for i, d in enumerate(spec.datasets):
+        check(f"datasets[{i}]", lambda d=d: DATASETS.get(d.kind))
+        check(f"datasets[{i}]", lambda d=d, i=i: dataset_options(
+            d.kind, d.options, spell=lambda key: f"datasets[{i}].options.{key}"))
+    for i, name in enumerate(spec.protocols):
+        check(f"protocols[{i}]", lambda n=name: PROTOCOLS.get(n))
+    for name, values in spec.protocol_params.items():
+        check(f"protocol_params.{name}", lambda n=name, v=values: PROTOCOLS.get(n).validate(
+            v, spell=lambda key: f"protocol_params.{n}.{key}"))

@@ -146,7 +146,8 @@ def extract_features(
             "torch": torch.__version__,
         }
         a.finish(part, meta)
-        log.info("extract %s on %s: %d images in %.1fs", model.name, prepared.dataset, len(todo), seconds)
+        log.info("extracted %s on %s: %d images in %.1fs -> %s", model.name, prepared.dataset, len(todo), seconds,
+                 a.folder)
         return meta
 
     feats, meta, built = art.get_or_build(build)

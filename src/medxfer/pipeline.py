@@ -69,6 +69,7 @@ def run(spec: RunSpec, progress: bool | None = None) -> RunOutcome:
     executor = EXECUTORS.get(spec.executor)()
     session = Session(spec)
     with forced(progress):
+        load_datasets(spec, session)
         runnable, failed = check_cells(cells, session)
         done: dict[str, CellOutcome] = {o.cell.id: o for o in failed}
         if runnable:
@@ -79,6 +80,18 @@ def run(spec: RunSpec, progress: bool | None = None) -> RunOutcome:
             for o in executor.run(runnable, session):
                 done[o.cell.id] = o
     return finish(spec, session, [done[c.id] for c in cells])
+
+
+def load_datasets(spec: RunSpec, session: Session) -> None:
+    """Read every dataset of the run before any cell: a missing root or a wrong layout is the
+    user's input, so it stops the run with one :class:`DatasetError` naming the dataset and path."""
+    from medxfer.data.records import DatasetError
+
+    for arg in spec.datasets:
+        try:
+            session.dataset(arg)
+        except DatasetError as exc:
+            raise DatasetError(f"dataset {arg.label!r}: {exc}") from None
 
 
 def with_custom_models(spec: RunSpec) -> RunSpec:

@@ -65,7 +65,12 @@ def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]
         group, dot, key = head.partition(".")
         if not eq or not dot or not group or not key:
             raise SpecError(f"{flag} {item!r}: expected GROUP.KEY=VALUE")
-        out.setdefault(group, {})[key] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(f"{flag} {item!r}: {key}: the value is not valid YAML ({problem})") from None
+        out.setdefault(group, {})[key] = parsed
     return out
 
 
@@ -98,6 +103,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     base: dict[str, Any] = {}
     if args.config and args.preset:
         raise SpecError("give --config or --preset, not both")
+    file_models: list[str] = []
+    if args.model_file:  # registered first: a --config may name these models
+        from medxfer.models.custom import load_model_file
+
+        file_models = load_model_file(args.model_file)
     if args.config:
         base = RunSpec.from_yaml(args.config).to_dict()
     elif args.preset:
@@ -134,9 +144,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     if args.skip_bad:
         base["skip_bad"] = True
     if args.model_file:
-        from medxfer.models.custom import load_model_file
-
-        file_models = load_model_file(args.model_file)
         base.setdefault("models", file_models)
     if "models" not in base:
         raise SpecError("give --models (or --model-file, or a --config with models)")

@@ -52,13 +52,15 @@ def register_dataset(adapter: DatasetAdapter, aliases: tuple[str, ...] = ()) -> 
     return DATASETS.register(adapter.info.name, adapter, aliases=aliases)
 
 
-def dataset_options(name: str, options: dict[str, Any] | None = None) -> DatasetOptions:
-    """The typed options of dataset ``name`` from user values (one clear error for bad ones)."""
+def dataset_options(name: str, options: dict[str, Any] | None = None,
+                    spell: Callable[[str], str] | None = None) -> DatasetOptions:
+    """The typed options of dataset ``name`` from user values (one clear error for bad ones,
+    naming the option as ``spell`` writes it; default ``--dataset-option LABEL.KEY``)."""
     adapter = DATASETS.get(name)
     given = (options or {}).get("name")
     label = str(given) if adapter.generic and given else adapter.info.name  # the --dataset LABEL of the user's data
     return build(adapter.options, options, where=f"dataset {label!r}",
-                 spell=lambda key: f"--dataset-option {label}.{key}")
+                 spell=spell or (lambda key: f"--dataset-option {label}.{key}"))
 
 
 def load_dataset(name: str, /, root: str | os.PathLike[str], *, skip_bad: bool = False, **options: Any) -> Dataset:

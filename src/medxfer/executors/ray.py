@@ -33,7 +33,7 @@ from typing import Any
 from medxfer.cell import Cell, CellOutcome, Session, execute_cell
 from medxfer.config import RunSpec
 from medxfer.deps import Extract, Step, build_step, dependencies
-from medxfer.errors import DiskFullError, MedxferError, UsageError
+from medxfer.errors import DiskFullError, MedxferError, OutputError, UsageError
 from medxfer.protocols.base import PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def step_task(spec: RunSpec, step: Step, log_level: int, *upstream: dict[str, An
     try:
         with forced(False):
             return dict(build_step(step, _worker_session(spec, log_level)), ran_on=_where())
-    except DiskFullError:
+    except OutputError:  # a full disk or an unwritable folder: every other step would fail the same way
         raise
     except MedxferError as exc:
         return {"step": step.describe(), "error": str(exc)}
@@ -297,8 +297,8 @@ class RayExecutor:
             outcome: CellOutcome = ray.get(ref)
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, DiskFullError):
-                raise DiskFullError(str(cause)) from None
+            if isinstance(cause, OutputError):
+                raise (DiskFullError if isinstance(cause, DiskFullError) else OutputError)(str(cause)) from None
             log.error("%s failed on its worker: %s", cell.describe(), exc)
             return CellOutcome(cell, "failed", error=f"internal error on a Ray worker: {cause or exc}")
         except RayError as exc:  # the worker died more than MAX_RETRIES times, the node was lost, ...

@@ -18,8 +18,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medxfer.errors import UsageError
 from medxfer.models.backbone import ARCHS, build_trunk
 from medxfer.models.checkpoint import FORMATS
@@ -117,11 +115,10 @@ def load_model_file(path: str | os.PathLike[str]) -> list[str]:
     entry ``{record: PATH}`` registers a model made by ``medxfer pretrain`` from its record
     (``<cache>/pretrained/NAME.json``, its weights beside it in that cache). Returns the names.
     """
+    from medxfer.config import read_yaml
+
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read model file: {exc}") from exc
+    doc = read_yaml(path, "model file")
     entries = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise UsageError(f"{path}: expected a top-level 'models:' list")

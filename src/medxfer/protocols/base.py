@@ -145,20 +145,21 @@ class Protocol:
         return f"--set {self.name}.{name}"
 
     def make_params(self, values: Mapping[str, Any] | None = None, compat: str | None = None,
-                    info: DatasetInfo | None = None) -> Params:
+                    info: DatasetInfo | None = None, spell: Callable[[str], str] | None = None) -> Params:
         """Defaults, then compat overrides, then the dataset's own settings, then ``values``
-        (the user's); unknown or mistyped names are one clear :class:`ParamError`."""
+        (the user's); unknown or mistyped names are one clear :class:`ParamError` (names
+        written by ``spell``, default ``--set PROTOCOL.NAME``)."""
         merged: dict[str, Any] = {}
         if compat is not None and compat in self.compat:
             merged.update(self.compat[compat])
         if info is not None and self.dataset_defaults is not None:
             merged.update(self.dataset_defaults(info))
         merged.update(values or {})
-        return build(self.params, merged, where=f"protocol {self.name!r}", spell=self.spell)
+        return build(self.params, merged, where=f"protocol {self.name!r}", spell=spell or self.spell)
 
-    def validate(self, values: Mapping[str, Any] | None) -> None:
+    def validate(self, values: Mapping[str, Any] | None, spell: Callable[[str], str] | None = None) -> None:
         """Check the user's values alone (names and types), before any dataset is read."""
-        self.make_params(values)
+        self.make_params(values, spell=spell)
 
 
 def _discover_builtin() -> None:

@@ -240,14 +240,16 @@ def forest_plot(comparison: DatasetComparison, *, title: str | None = None, widt
 
 
 def save_figure(fig: Figure, stem: Path | str, dpi: int = 200, png_compression: int = 6) -> tuple[Path, Path]:
-    """Write ``stem``.png and ``stem``.svg; returns both paths. ``png_compression``: zlib level
-    of the PNG (1 is several times faster to write than the default 6, and ~10% larger)."""
+    """Write ``stem``.png and ``stem``.svg atomically; returns both paths. ``png_compression``:
+    zlib level of the PNG (1 is several times faster to write than the default 6, and ~10% larger)."""
+    from medxfer.cache import atomic_path
+
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
     FigureCanvasAgg(fig)
-    fig.savefig(png, dpi=dpi, facecolor="white", pil_kwargs={"compress_level": png_compression})
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medxfer"}):
-        fig.savefig(svg, facecolor="white", metadata={"Date": None})
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": png_compression})
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medxfer"}), atomic_path(svg) as tmp:
+        fig.savefig(tmp, format="svg", facecolor="white", metadata={"Date": None})
     log.info("figure written: %s, %s", png, svg)
     return png, svg
