@@ -77,3 +77,35 @@ def test_demo_ends_by_printing_where_report_html_is(tmp_path, capsys):
     html = tmp_path / "demo" / "report" / "report.html"
     assert last.startswith(f"Report: {html}") and html.is_file()
     assert "test-tiny [random weights]" in (tmp_path / "demo" / "summary.md").read_text()
+
+
+def test_a_report_that_cannot_be_written_leaves_the_previous_one(tiny_run, tmp_path, monkeypatch):
+    import errno
+    import hashlib
+
+    import medxfer.cache
+    from medxfer.errors import DiskFullError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.out, run_dir)
+    build_report(run_dir)
+    before = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (run_dir / "report").rglob("*") if p.is_file()}
+    real = medxfer.cache.os.fsync
+    calls = {"n": 0}
+
+    def fsync_fails_late(fd: int) -> None:  # the disk fills part-way through the second build
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    sorted((run_dir / "results").glob("*linear*.json"))[0].unlink()  # the new report would differ
+    monkeypatch.setattr(medxfer.cache.os, "fsync", fsync_fails_late)
+    with pytest.raises(DiskFullError, match=r"report .*/report/ not updated"):
+        build_report(run_dir)
+    monkeypatch.setattr(medxfer.cache.os, "fsync", real)
+    after = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in (run_dir / "report").rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".report-")]  # no staging folder left

@@ -156,6 +156,23 @@ def _nearly_full(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
+def replace_folder(staging: Path, final: Path) -> None:
+    """Swap the fully written folder ``staging`` in as ``final`` (same parent): the old
+    ``final`` is renamed aside, ``staging`` renamed into place, then the old one removed, so
+    ``final`` is always absent, the old or the new folder, never half of one."""
+    import shutil
+
+    with storage_errors(final, f"folder {final}"):
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
+            os.rename(final, old / final.name)
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

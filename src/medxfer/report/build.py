@@ -4,20 +4,25 @@
 Written: ``summary.md``, ``results.csv``, ``table_*.md``/``.csv``/``.tex`` for every table,
 ``figures/*.png`` and ``.svg``, ``stats.json`` (every number the report states, machine
 readable), ``report.html`` and ``manifest.json`` (the files with their SHA-256). Nothing
-depends on the time of the build, so rebuilding from the same results gives the same bytes;
-files of an earlier build that this one no longer writes are removed.
+depends on the time of the build, so rebuilding from the same results gives the same bytes.
+The report is built in a staging folder beside ``report/`` and swapped in whole once every
+file is written: a build that fails (a full disk) leaves the previous report as it was, and
+files of an earlier build that this one no longer writes are gone.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medxfer.cache import write_text_atomic
+from medxfer.cache import ensure_dir, replace_folder, storage_errors, write_text_atomic
+from medxfer.errors import OutputError
 from medxfer.report.collect import Collection, collect
 from medxfer.report.figures import FIGURE_DPI, Figure, build_figures, figure_style
 from medxfer.report.figures_stats import save_figure
@@ -118,8 +123,26 @@ def build_report(run_dir: Path | str, *, bootstrap: int = 0, bootstrap_seed: int
             for p in ps:
                 if p.comparison is not None:
                     p.bootstrap = generalisation_bootstrap(coll, p, bootstrap, seed=bootstrap_seed)
-    out = run_dir / "report"
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    final = run_dir / "report"
+    ensure_dir(run_dir, "run folder")
+    with storage_errors(run_dir, "report staging folder"):
+        out = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+    try:
+        output = _write_report(out, final, coll, f)
+    except BaseException as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise type(exc)(f"report {final}/ not updated (the previous one, if any, is unchanged): {exc}") from None
+        raise
+    replace_folder(out, final)
+    output.seconds = time.perf_counter() - t0
+    log.info("report written to %s (%d files, %.1f s)", final, len(output.files), output.seconds)
+    return output
+
+
+def _write_report(out: Path, final: Path, coll: Collection, f: Findings) -> ReportOutput:
+    """Every file of the report into the staging folder ``out`` (to become ``final``)."""
+    (out / "figures").mkdir()
     written: list[str] = []
 
     def write(name: str, text: str) -> None:
@@ -138,7 +161,7 @@ def build_report(run_dir: Path | str, *, bootstrap: int = 0, bootstrap_seed: int
             written += [f"figures/{g.png.name}", f"figures/{g.svg.name}"]
     names = [f"{t.slug}.{ext}" for t in all_tables for ext in ("md", "csv", "tex")]
     planned = sorted({"summary.md", "results.csv", "stats.json", "report.html", *names, *written})
-    summary = summary_markdown(coll.results, f, report_dir=str(out))
+    summary = summary_markdown(coll.results, f, report_dir=str(final))
     write("summary.md", summary)
     write("results.csv", results_csv(coll.results, coll))
     for t in all_tables:
@@ -149,12 +172,9 @@ def build_report(run_dir: Path | str, *, bootstrap: int = 0, bootstrap_seed: int
     write("report.html", render_html(coll, f, answer=answer, tables=tables, stats_tables=stabs, figures=page_figs,
                                      files=planned))
     files = sorted(set(written))
-    _remove_stale(out, files)
     manifest = {"files": {n: _sha(out / n) for n in files}}
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    seconds = time.perf_counter() - t0
-    log.info("report written to %s (%d files, %.1f s)", out, len(files) + 1, seconds)
-    return ReportOutput(folder=out, files=[*files, "manifest.json"], summary=summary, seconds=seconds,
+    return ReportOutput(folder=final, files=[*files, "manifest.json"], summary=summary, seconds=0.0,
                         figures=sum(g.png is not None for g in page_figs))
 
 
@@ -167,17 +187,3 @@ def _save_figures(figures: list[Figure], out: Path) -> list[PageFigure]:
         png, svg = save_figure(g.fig, out / "figures" / g.slug, dpi=FIGURE_DPI, png_compression=1)
         page.append(PageFigure(g.slug, g.title, g.caption, png, svg, g.missing))
     return page
-
-
-def _remove_stale(out: Path, files: list[str]) -> None:
-    """Remove what an earlier build listed in its manifest and this one did not write."""
-    try:
-        old = json.loads((out / "manifest.json").read_text()).get("files", {})
-    except (OSError, json.JSONDecodeError):
-        return
-    keep = set(files)
-    for name in old:
-        path = out / name
-        if name not in keep and path.is_file() and path.resolve().is_relative_to(out.resolve()):
-            path.unlink()
-            log.info("removed %s (not part of this report any more)", path)
