@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -160,7 +161,6 @@ def replace_folder(staging: Path, final: Path) -> None:
     """Swap the fully written folder ``staging`` in as ``final`` (same parent): the old
     ``final`` is renamed aside, ``staging`` renamed into place, then the old one removed, so
     ``final`` is always absent, the old or the new folder, never half of one."""
-    import shutil
 
     with storage_errors(final, f"folder {final}"):
         old = None
@@ -217,10 +217,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
+class LockHeld(Exception):
+    """Another process holds the lock (:func:`file_lock` with ``wait=False``)."""
+
+
 @contextmanager
-def file_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str], what: str, wait: bool = True) -> Iterator[None]:
     """An exclusive inter-process lock (``filelock``) on ``path``; logs once when it must wait
-    for another process (which is then building ``what``).
+    for another process (which is then building ``what``). ``wait=False``: raise
+    :class:`LockHeld` instead of waiting.
 
     When the lock file was moved away while we waited (``medxfer cache prune`` renames a
     whole artifact folder, lock included), the lock is taken again on a fresh file at ``path``.
@@ -235,6 +240,8 @@ def file_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
             try:
                 lock.acquire(timeout=0)
             except Timeout:
+                if not wait:
+                    raise LockHeld(str(path)) from None
                 if not waited:
                     log.info("waiting for another medxfer process to finish %s", what)
                     waited = True

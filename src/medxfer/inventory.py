@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from medxfer.cache import LAST_USED, ResumableArray, file_sha256, last_used_path, read_last_used
+from medxfer.cache import (
+    LAST_USED,
+    LockHeld,
+    ResumableArray,
+    file_lock,
+    file_sha256,
+    last_used_path,
+    read_last_used,
+)
 from medxfer.errors import UsageError
 from medxfer.registry import Registry
 
@@ -468,8 +476,7 @@ def _model_names(name: str) -> set[str]:
 
 # --------------------------------------------------------------------------- removing
 
-class ArtifactLocked(Exception):
-    """The artifact's writer lock is held by another process."""
+ArtifactLocked = LockHeld  # the artifact's writer lock is held by another process
 
 
 @contextmanager
@@ -479,17 +486,8 @@ def _locked(lock: Path | None) -> Iterator[None]:
     if lock is None or not lock.parent.is_dir():
         yield
         return
-    from filelock import FileLock, Timeout
-
-    fl = FileLock(str(lock))
-    try:
-        fl.acquire(timeout=0)
-    except Timeout:
-        raise ArtifactLocked(str(lock)) from None
-    try:
+    with file_lock(lock, str(lock), wait=False):
         yield
-    finally:
-        fl.release()
 
 
 def _move_aside(path: Path) -> Path:
