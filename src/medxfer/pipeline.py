@@ -73,9 +73,7 @@ def run(spec: RunSpec, progress: bool | None = None) -> RunOutcome:
         runnable, failed = check_cells(cells, session)
         done: dict[str, CellOutcome] = {o.cell.id: o for o in failed}
         if runnable:
-            preflight = getattr(executor, "preflight", None)
-            if preflight is not None:
-                preflight(runnable, session)
+            executor.preflight(runnable, session)
             write_run_record(spec, session, cells, [], status="running")
             for o in executor.run(runnable, session):
                 done[o.cell.id] = o

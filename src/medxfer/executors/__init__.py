@@ -2,9 +2,7 @@
 
 ``local`` (default) runs the cells one by one in this process; ``ray`` runs the grid's
 prepare, extract and cell tasks on a Ray cluster (:mod:`medxfer.executors.ray`). Third-party
-executors register an :class:`Executor` in :data:`EXECUTORS`. An executor may also have
-``preflight(cells, session)``, called before anything is written (the Ray executor checks
-the cluster's resources there).
+executors register an :class:`Executor` in :data:`EXECUTORS`.
 """
 from __future__ import annotations
 
@@ -16,7 +14,10 @@ from medxfer.registry import Registry
 
 
 class Executor(Protocol):
-    """Runs cells and returns one outcome per cell, in the cells' order."""
+    """Runs cells and returns one outcome per cell, in the cells' order; ``preflight`` is
+    called before anything is written (the Ray executor checks the cluster's resources)."""
+
+    def preflight(self, cells: Sequence[Cell], session: Session) -> None: ...
 
     def run(self, cells: Sequence[Cell], session: Session) -> list[CellOutcome]: ...
 

@@ -13,6 +13,9 @@ class LocalExecutor:
     """Runs the cells one by one in this process (the run has checked them against their
     labels already); a cell that fails is recorded and the rest go on."""
 
+    def preflight(self, cells: Sequence[Cell], session: Session) -> None:
+        """Nothing to check: the cells run here."""
+
     def run(self, cells: Sequence[Cell], session: Session) -> list[CellOutcome]:
         return [execute_cell(cell, session) for cell in cells]
 
