@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medxfer.cache import ensure_dir, replace_folder, storage_errors, write_text_atomic
+from medxfer.cache import replace_folder, storage_errors, write_text_atomic
 from medxfer.errors import OutputError
 from medxfer.report.collect import Collection, collect
 from medxfer.report.figures import FIGURE_DPI, Figure, build_figures, figure_style
@@ -124,7 +124,6 @@ def build_report(run_dir: Path | str, *, bootstrap: int = 0, bootstrap_seed: int
                 if p.comparison is not None:
                     p.bootstrap = generalisation_bootstrap(coll, p, bootstrap, seed=bootstrap_seed)
     final = run_dir / "report"
-    ensure_dir(run_dir, "run folder")
     with storage_errors(run_dir, "report staging folder"):
         out = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     try:
