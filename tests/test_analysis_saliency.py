@@ -148,18 +148,58 @@ def test_batched_incremental_map_equals_direct_loop_resnet18(occluder: str, size
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
         ours = occlusion_map(prepare_trunk(net, dtype=torch.float64), image, normalize=IMAGENET, window=3,
                              occluder=occluder, pointwise_normalize=True, max_crop_fraction=1.0, batch_size=128)
-    assert "9 stage(s) incremental" in caplog.text  # the crops were used
+    assert "9 stage(s) on crops" in caplog.text  # the crops were used
     np.testing.assert_allclose(ours, direct_map(net, IMAGENET, image, 3, occluder), rtol=1e-6)
 
 
-def test_fp32_fast_path_matches_float64_definition() -> None:
+@pytest.mark.parametrize("size,stride,max_crop_fraction,mode", [
+    (28, 1, 1.0, "9 stage(s) on crops, 0 node by node"),  # every stage on crops
+    (40, 2, 0.5, "1 stage(s) on crops, 1 node by node"),  # the packed fp32 graphs node by node
+])
+def test_fp32_fast_path_matches_float64_definition(size: int, stride: int, max_crop_fraction: float, mode: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     model = build_trunk("resnet18", seed=0).eval()
-    image = random_image(28, seed=5)
-    fast = occlusion_map(prepare_trunk(model), image, normalize=IMAGENET, window=3, pointwise_normalize=True,
-                         max_crop_fraction=1.0)
+    image = random_image(size, seed=5)
+    staged = prepare_trunk(model)
+    assert "convolutions packed for oneDNN" in staged.description
+    with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
+        fast = occlusion_map(staged, image, normalize=IMAGENET, window=3, stride=stride, pointwise_normalize=True,
+                             max_crop_fraction=max_crop_fraction)
+    assert mode in caplog.text
     exact = occlusion_map(prepare_trunk(model, dtype=torch.float64, fold_bn=False, split=False), image,
-                          normalize=IMAGENET, window=3)
+                          normalize=IMAGENET, window=3, stride=stride)
     np.testing.assert_allclose(fast, exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,node_stages", [("resnet18", 1), ("resnet50", 2)])
+def test_partly_changed_stages_run_node_by_node_exactly(arch: str, node_stages: int,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """After the stages on crops, a stage whose output changes only in part runs each
+    convolution on the crop its changed outputs need, residual sums on the union of blocks."""
+    staged = prepare_trunk(trunk(arch), dtype=torch.float64)
+    image = random_image(40, seed=40)
+    kw = {"normalize": IMAGENET, "window": 3, "stride": 3, "pointwise_normalize": True}
+    with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
+        inc = occlusion_scores(staged, image, **kw)
+    assert f"1 stage(s) on crops, {node_stages} node by node" in caplog.text
+    np.testing.assert_allclose(inc, occlusion_scores(staged, image, incremental=False, **kw), rtol=1e-10)
+
+
+def test_compose_writes_only_the_overlap_of_a_block() -> None:
+    from medxfer.analysis.saliency import _compose
+
+    clean = torch.arange(8 * 9 * 2, dtype=torch.float64).reshape(8, 9, 2)
+    patch = -torch.arange(1, 2 * 3 * 3 * 2 + 1, dtype=torch.float64).reshape(2, 3, 3, 2)
+    p_y0, p_x0 = torch.tensor([0, 5]), torch.tensor([6, 1])  # element 1's block reaches past the crop
+    c_y0, c_x0 = torch.tensor([1, 2]), torch.tensor([4, 0])
+    out = _compose(clean, patch, p_y0, p_x0, c_y0, c_x0, 4, 5)
+    for b in range(2):
+        for i in range(4):
+            for j in range(5):
+                y, x = int(c_y0[b]) + i, int(c_x0[b]) + j
+                py, px = y - int(p_y0[b]), x - int(p_x0[b])
+                want = patch[b, py, px] if 0 <= py < 3 and 0 <= px < 3 else clean[y, x]
+                assert torch.equal(out[b, i, j], want), (b, i, j)
 
 
 @pytest.mark.parametrize("size,window,stride", [(37, 4, 2), (25, 3, 1), (33, 5, 3)])
@@ -170,7 +210,7 @@ def test_incremental_equals_full_forward_all_stages(size: int, window: int, stri
     kw = {"normalize": IMAGENET, "window": window, "stride": stride, "pointwise_normalize": True}
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
         inc = occlusion_scores(staged, image, max_crop_fraction=1.0, **kw)
-    assert "9 stage(s) incremental" in caplog.text  # every stage on crops, edges included
+    assert "9 stage(s) on crops" in caplog.text  # every stage on crops, edges included
     full = occlusion_scores(staged, image, incremental=False, **kw)
     np.testing.assert_allclose(inc, full, rtol=1e-10)
 
@@ -191,7 +231,7 @@ def test_non_pointwise_normalisation_runs_full_images(caplog: pytest.LogCaptureF
     image = random_image(16, seed=8)
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
         ours = occlusion_map(prepare_trunk(net, dtype=torch.float64), image, normalize=histeq, window=3)
-    assert "0 stage(s) incremental" in caplog.text
+    assert "0 stage(s) on crops" in caplog.text
     np.testing.assert_allclose(ours, direct_map(net, histeq, image, 3, "imagenet-mean"), rtol=1e-6)
 
 

@@ -36,11 +36,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.fx
 import torchvision
 from torch import Tensor, nn
 
 from medxfer.analysis._select import choose_rows
 from medxfer.errors import UsageError
+from medxfer.packed import PackedConv2d
 from medxfer.progress import bar
 from medxfer.protocols.base import EvalResult, Headline, Needs, Params, Protocol, register_protocol
 from medxfer.typed import positive, setting
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN_PIXEL = (124, 116, 104)
 #: Normalisations (medxfer.models.normalize names) that act on each pixel independently.
 POINTWISE_NORMALIZATIONS = frozenset({"imagenet", "none", "raw", "chexpert"})
+NODE_MAX_FRACTION = 0.99
 PAPER_OCCLUDERS = frozenset({"zero-after-normalize", "paper"})
 
 Normalize = Callable[[Tensor], Tensor]  # uint8 B x C x H x W -> float B x 3 x H x W
@@ -186,6 +189,9 @@ def _same(value: int | tuple[int, ...], what: str, module: nn.Module) -> int:
 def _leaf_locality(module: nn.Module) -> Locality:
     if isinstance(module, _POINTWISE_MODULES):
         return Locality()
+    if isinstance(module, PackedConv2d):
+        (k, _), (s, _), (p, _), (d, _) = module.kernel_size, module.stride, module.padding, module.dilation
+        return Locality(s, max(p, 0), max(d * (k - 1) - p, 0))
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise NotLocalError(f"Conv2d with padding {module.padding!r} / mode {module.padding_mode!r}")
@@ -280,6 +286,10 @@ class StagedTrunk:
     dtype: torch.dtype | None = torch.float32
     description: str = ""
     device: torch.device | None = None
+    #: per stage, the same computation as a graph whose every node :func:`_run_delta` can run on
+    #: the changed block only (None where there is none); used for stages whose output changes
+    #: only in part, for the clean and the occluded images alike
+    delta_stages: tuple[torch.fx.GraphModule | None, ...] = ()
 
     def cast(self, x: Tensor) -> Tensor:
         x = x if self.dtype is None else x.to(self.dtype)
@@ -320,7 +330,7 @@ def _check_eval(module: nn.Module) -> None:
 
 
 def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_bn: bool = True,
-                  split: bool = True, device: str | torch.device = "cpu") -> StagedTrunk:
+                  split: bool = True, pack: bool = True, device: str | torch.device = "cpu") -> StagedTrunk:
     """A fast exact copy of an eval-mode trunk for occlusion (the caller's module is untouched).
 
     ``fold_bn``: fold BatchNorm into the preceding convolutions (exact in eval mode up to
@@ -335,6 +345,7 @@ def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_
     ``device``: where the copy runs (on CUDA, PyTorch's TF32 setting for convolutions applies
     and is stated in the description).
     """
+    from medxfer.packed import pack_convolutions
     from medxfer.runtime import fold_batchnorm
 
     if not isinstance(trunk, nn.Module):
@@ -363,19 +374,52 @@ def prepare_trunk(trunk: nn.Module, *, dtype: torch.dtype = torch.float32, fold_
                         type(trunk).__name__)
             stages, head, locs = [trunk], nn.Identity(), [None]
     runtime: list[nn.Module] = []
-    folded = 0
+    folded = packed = 0
+    deltas: list[torch.fx.GraphModule | None] = []
+    dev = torch.device(device)
+    y = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     for st in [*stages, head]:
         f = fold_batchnorm(st) if fold_bn and any(isinstance(m, nn.BatchNorm2d) for m in st.modules()) else None
         folded += f is not None
         m = (f if f is not None else copy.deepcopy(st)).to(dtype).eval()
-        runtime.append(m.to(device, memory_format=torch.channels_last))
-    dev = torch.device(device)
+        m = m.to(device, memory_format=torch.channels_last)
+        if pack and dev.type == "cpu" and y.ndim == 4:
+            m, n = pack_convolutions(m, tuple(y.shape))
+            packed += n
+        if len(runtime) < len(stages):
+            local = locs[len(runtime)] is not None and y.ndim == 4
+            deltas.append(_delta_variant(f if f is not None else st, dtype, dev, pack, tuple(y.shape))
+                          if local else None)
+        if y.ndim == 4:
+            with torch.inference_mode():
+                y = m(y.to(dev).contiguous(memory_format=torch.channels_last))
+        runtime.append(m)
     tf32 = ""
     if dev.type == "cuda" and dtype == torch.float32:
         tf32 = f", TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
     desc = (f"{str(dtype).replace('torch.', '')}{tf32}, channels-last, on {dev}, {len(stages)} stage(s) "
-            f"({len(_leading_local(locs))} leading local), BatchNorm folded in {folded}")
-    return StagedTrunk(tuple(runtime[:-1]), tuple(locs), runtime[-1], dtype, desc, dev)
+            f"({len(_leading_local(locs))} leading local), BatchNorm folded in {folded}"
+            + (f", {packed} convolutions packed for oneDNN" if packed else ""))
+    return StagedTrunk(tuple(runtime[:-1]), tuple(locs), runtime[-1], dtype, desc, dev, tuple(deltas))
+
+
+def _delta_variant(stage: nn.Module, dtype: torch.dtype, device: torch.device, pack: bool,
+                   probe_shape: tuple[int, ...]) -> torch.fx.GraphModule | None:
+    """``stage`` (BatchNorm already folded) as a graph :func:`_run_delta` supports, its
+    convolutions packed without residual fusion (a fused ``conv + residual`` hides the clean
+    convolution output that a changed block is pasted into); None where unsupported."""
+    from medxfer.packed import pack_convolutions
+
+    try:
+        gm = torch.fx.symbolic_trace(copy.deepcopy(stage).to(dtype).eval())
+    except Exception as exc:  # untraceable: the stage always runs on full maps
+        log.debug("stage %s has no delta variant: %s", type(stage).__name__, exc)
+        return None
+    gm = gm.to(device, memory_format=torch.channels_last)
+    if pack and device.type == "cpu":
+        packed, _ = pack_convolutions(gm, probe_shape, residual=False)
+        gm = packed if isinstance(packed, torch.fx.GraphModule) else gm
+    return gm if _delta_supported(gm) else None
 
 
 def _leading_local(locs: Sequence[Locality | None]) -> list[Locality]:
@@ -418,43 +462,192 @@ def _axis_plan(lo: Tensor, length: int, n_in: int, n_out: int, loc: Locality) ->
     return _Axis(out0, r, crop0, crop_len, out0 - torch.div(crop0, s, rounding_mode="floor"))
 
 
+def _block_rows(y0: Tensor, x0: Tensor, len_y: int, len_x: int, width: int) -> Tensor:
+    """Flat indices (``row * width + col``) of the pixels of per-element blocks
+    ``[y0, y0 + len_y) x [x0, x0 + len_x)``, element by element, in row-major order."""
+    rows = y0[:, None] + torch.arange(len_y, device=y0.device)
+    cols = x0[:, None] + torch.arange(len_x, device=x0.device)
+    return (rows[:, :, None] * width + cols[:, None, :]).reshape(-1)
+
+
 def _compose(clean: Tensor, patch: Tensor | None, p_y0: Tensor, p_x0: Tensor, c_y0: Tensor, c_x0: Tensor,
              len_y: int, len_x: int) -> Tensor:
     """Per batch element, the crop ``[c_y0, c_y0 + len_y) x [c_x0, c_x0 + len_x)`` of ``clean``
     (H x W x C) with ``patch`` (B x R_y x R_x x C, whose corner is at p_y0, p_x0 in clean's
-    coordinates) written over it where they overlap. Returns B x len_y x len_x x C."""
-    rows = c_y0[:, None] + torch.arange(len_y, device=clean.device)  # B x Ly
-    cols = c_x0[:, None] + torch.arange(len_x, device=clean.device)  # B x Lx
-    base = clean[rows[:, :, None], cols[:, None, :]]
-    if patch is None:
-        return base
-    ry, rx = patch.shape[1], patch.shape[2]
-    dy, dx = rows - p_y0[:, None], cols - p_x0[:, None]
-    inside = (((dy >= 0) & (dy < ry))[:, :, None] & ((dx >= 0) & (dx < rx))[:, None, :])[..., None]
-    bidx = torch.arange(len(patch), device=clean.device)[:, None, None]
-    vals = patch[bidx, dy.clamp(0, ry - 1)[:, :, None], dx.clamp(0, rx - 1)[:, None, :]]
-    return torch.where(inside, vals, base)
+    coordinates) written over it where they overlap. Returns B x len_y x len_x x C.
+
+    Pixels are C-float rows here, so both steps are row copies (``index_select`` from the clean
+    map, ``index_copy_`` of the patch), not element-wise gathers."""
+    h, w, c = clean.shape
+    out = clean.reshape(h * w, c).index_select(0, _block_rows(c_y0, c_x0, len_y, len_x, w))
+    if patch is not None:
+        b, ry, rx, _ = patch.shape
+        dev = clean.device
+        dy = p_y0[:, None] + torch.arange(ry, device=dev) - c_y0[:, None]  # patch rows in crop coordinates
+        dx = p_x0[:, None] + torch.arange(rx, device=dev) - c_x0[:, None]
+        inside = (((dy >= 0) & (dy < len_y))[:, :, None] & ((dx >= 0) & (dx < len_x))[:, None, :]).reshape(-1)
+        dst = ((torch.arange(b, device=dev)[:, None, None] * len_y + dy[:, :, None]) * len_x
+               + dx[:, None, :]).reshape(-1)
+        src = patch.reshape(-1, c)
+        if bool(inside.all()):
+            out.index_copy_(0, dst, src)
+        else:
+            out.index_copy_(0, dst[inside], src[inside])
+    return out.reshape(len(c_y0), len_y, len_x, c)
 
 
 def _paste(clean: Tensor, patch: Tensor, p_y0: Tensor, p_x0: Tensor) -> Tensor:
     """B copies of ``clean`` (H x W x C) with each element's ``patch`` (B x R_y x R_x x C, inside
     the map) written at (p_y0, p_x0). Returns B x H x W x C."""
-    b, ry, rx, _ = patch.shape
-    out = clean.expand(b, *clean.shape).clone()
-    rows = p_y0[:, None] + torch.arange(ry, device=clean.device)
-    cols = p_x0[:, None] + torch.arange(rx, device=clean.device)
-    bidx = torch.arange(b, device=clean.device)[:, None, None]
-    out[bidx, rows[:, :, None], cols[:, None, :]] = patch
+    b, ry, rx, c = patch.shape
+    h, w, _ = clean.shape
+    out = clean.expand(b, h, w, c).clone()
+    offsets = torch.arange(b, device=clean.device).repeat_interleave(ry * rx) * (h * w)
+    out.view(b * h * w, c).index_copy_(0, _block_rows(p_y0, p_x0, ry, rx, w) + offsets, patch.reshape(-1, c))
     return out
 
 
 def _take(y: Tensor, off_y: Tensor, len_y: int, off_x: Tensor, len_x: int) -> Tensor:
     """Per-element windows of a channels-last batch y (B x C x h x w) -> B x len_y x len_x x C."""
-    hwc = y.permute(0, 2, 3, 1)
-    rows = off_y[:, None] + torch.arange(len_y, device=y.device)
-    cols = off_x[:, None] + torch.arange(len_x, device=y.device)
-    bidx = torch.arange(len(y), device=y.device)[:, None, None]
-    return hwc[bidx, rows[:, :, None], cols[:, None, :]]
+    b, c, h, w = y.shape
+    hwc = y.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view for channels-last y
+    offsets = torch.arange(b, device=y.device).repeat_interleave(len_y * len_x) * (h * w)
+    return hwc.index_select(0, _block_rows(off_y, off_x, len_y, len_x, w) + offsets).reshape(b, len_y, len_x, c)
+
+
+# --------------------------------------------------------------------------- changed blocks inside a stage
+
+@dataclass(frozen=True)
+class _Delta:
+    """Per batch element, the changed block of a map: ``patch`` (B x R_y x R_x x C) whose corner
+    is at (y0, x0); everywhere else the map equals the clean image's."""
+
+    patch: Tensor
+    y0: Tensor
+    x0: Tensor
+
+
+_DELTA_METHODS = {"relu", "relu_", "contiguous", "sigmoid"}
+_DELTA_COMBINE = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
+
+
+def _delta_supported(gm: torch.fx.GraphModule) -> bool:
+    """Whether :func:`_run_delta` can run every node of ``gm`` (one input, one tensor output;
+    local modules, pointwise functions, sums and products of two maps, channel concatenation)."""
+    modules = dict(gm.named_modules())
+    placeholders = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            placeholders += 1
+        elif node.op == "output":
+            if not isinstance(node.args[0], torch.fx.Node):
+                return False
+        elif node.op == "call_module":
+            mod = modules[str(node.target)]
+            if len(node.args) != 1 or node.kwargs:
+                return False
+            try:
+                _leaf_locality(mod)
+            except NotLocalError:
+                return False
+        elif node.op == "call_function" and node.target in _DELTA_COMBINE:
+            if node.kwargs or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
+                return False
+        elif node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu, torch.sigmoid):
+            if len(node.args) != 1 or any(v not in (False, None) for v in node.kwargs.values()):
+                return False
+        elif node.op == "call_function" and node.target is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim != 1 or not all(isinstance(a, torch.fx.Node) for a in node.args[0]):
+                return False
+        elif node.op == "call_method" and node.target in _DELTA_METHODS:
+            if len(node.args) != 1 or node.kwargs:
+                return False
+        else:
+            return False
+    return placeholders == 1
+
+
+class _Capture(torch.fx.Interpreter):
+    """Runs a graph and keeps every node's value (the clean maps a changed block is pasted into)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[torch.fx.Node, Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, Tensor):
+            self.values[n] = out.clone()  # a later in-place node (``out += identity``) must not change it
+        return out
+
+
+def _clean_nodes(gm: torch.fx.GraphModule, x: Tensor) -> tuple[Tensor, dict[torch.fx.Node, Tensor]]:
+    """The stage's clean output (1 x C x H x W) and every node's clean map as an H x W x C view."""
+    cap = _Capture(gm)
+    out = cap.run(x)
+    return out, {n: v[0].permute(1, 2, 0) for n, v in cap.values.items()}
+
+
+def _union(deltas: Sequence[_Delta], shape: tuple[int, int]) -> tuple[Tensor, Tensor, int, int]:
+    """The smallest common block (per element corner, common size) holding every delta's block."""
+    corners, sizes = [], []
+    for axis in (0, 1):
+        lo = torch.stack([d.y0 if axis == 0 else d.x0 for d in deltas]).amin(0)
+        hi = torch.stack([(d.y0 if axis == 0 else d.x0) + d.patch.shape[1 + axis] for d in deltas]).amax(0)
+        size = int((hi - lo).max())
+        corners.append(lo.clamp(max=shape[axis] - size))
+        sizes.append(size)
+    return corners[0], corners[1], sizes[0], sizes[1]
+
+
+def _run_delta(gm: torch.fx.GraphModule, clean: dict[torch.fx.Node, Tensor], d_in: _Delta) -> _Delta:
+    """The changed block of ``gm``'s output, given the changed block of its input: every local
+    module runs on the crop its changed outputs need (:func:`_axis_plan`), pointwise nodes on the
+    block, sums and concatenations on the union of their inputs' blocks."""
+    modules = dict(gm.named_modules())
+    env: dict[torch.fx.Node, _Delta] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = d_in
+            continue
+        if node.op == "output":
+            return env[node.args[0]]
+        if node.op == "call_module":
+            mod, src = modules[str(node.target)], node.args[0]
+            d = env[src]
+            if isinstance(mod, _POINTWISE_MODULES):
+                block = d.patch.clone() if getattr(mod, "inplace", False) and len(src.users) > 1 else d.patch
+                env[node] = _Delta(mod(block.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), d.y0, d.x0)
+                continue
+            loc, cin, cout = _leaf_locality(mod), clean[src], clean[node]
+            ay = _axis_plan(d.y0, d.patch.shape[1], cin.shape[0], cout.shape[0], loc)
+            ax = _axis_plan(d.x0, d.patch.shape[2], cin.shape[1], cout.shape[1], loc)
+            crop = _compose(cin, d.patch, d.y0, d.x0, ay.crop0, ax.crop0, ay.crop_len, ax.crop_len)
+            out = mod(crop.permute(0, 3, 1, 2))
+            env[node] = _Delta(_take(out, ay.offset, ay.out_len, ax.offset, ax.out_len), ay.out0, ax.out0)
+            continue
+        if node.op == "call_method":
+            d = env[node.args[0]]
+            name = str(node.target).rstrip("_")
+            env[node] = _Delta(getattr(d.patch, name)(), d.y0, d.x0)
+            continue
+        if node.target is torch.cat or node.target in _DELTA_COMBINE:
+            srcs = list(node.args[0]) if node.target is torch.cat else list(node.args)
+            shape = tuple(clean[node].shape[:2])
+            uy, ux, ly, lx = _union([env[a] for a in srcs], shape)
+            parts = [_compose(clean[a], env[a].patch, env[a].y0, env[a].x0, uy, ux, ly, lx) for a in srcs]
+            if node.target is torch.cat:
+                block = torch.cat(parts, dim=-1)
+            elif node.target in (operator.mul, torch.mul):
+                block = parts[0] * parts[1]
+            else:
+                block = parts[0] + parts[1]
+            env[node] = _Delta(block, uy, ux)
+            continue
+        d = env[node.args[0]]  # relu / sigmoid functions
+        env[node] = _Delta(node.target(d.patch), d.y0, d.x0)
+    raise SaliencyError("stage graph has no output")
 
 
 # --------------------------------------------------------------------------- occlusion
@@ -567,6 +760,32 @@ def occlusion_scores(
                     break
                 plan_locs.append(loc)
                 length_y, length_x = ay.out_len, ax.out_len
+        # then the stages whose output still changes only in part run node by node on changed
+        # blocks (their clean maps, and so f0, recomputed through the same graphs)
+        node_stages: list[int] = []
+        node_maps: dict[int, dict[torch.fx.Node, Tensor]] = {}
+        k = len(plan_locs)
+        while plan_locs and k < len(staged.stages) and k < len(staged.delta_stages) \
+                and staged.delta_stages[k] is not None and shapes[k + 1] is not None:
+            loc = staged.localities[k]
+            (hi, wi), (ho, wo) = shapes[k], shapes[k + 1]
+            ay = _axis_plan(torch.zeros(1, dtype=torch.long), length_y, hi, ho, loc)
+            ax = _axis_plan(torch.zeros(1, dtype=torch.long), length_x, wi, wo, loc)
+            if ay.out_len * ax.out_len > NODE_MAX_FRACTION * ho * wo:
+                break
+            node_stages.append(k)
+            length_y, length_x = ay.out_len, ax.out_len
+            k += 1
+        if node_stages:
+            y = maps[node_stages[0] - 1].permute(2, 0, 1)[None]
+            for k in range(node_stages[0], len(staged.stages)):
+                if k in node_stages:
+                    y, node_maps[k] = _clean_nodes(staged.delta_stages[k], y)
+                else:
+                    y = staged.stages[k](y)
+                maps[k] = y[0].permute(1, 2, 0) if y.ndim == 4 else None
+            f0 = staged.head(y).double().reshape(1, -1)
+            norm0 = float(f0.norm())
 
         src = (clean_norm[0] if paper else x).permute(1, 2, 0)  # H x W x C
         fill_hwc = None if paper else fill.permute(1, 2, 0)
@@ -609,10 +828,15 @@ def occlusion_scores(
                     nx = _axis_plan(px.out0, px.out_len, wi, wo, plan_locs[k + 1])
                     y = _compose(maps[k], patch, py.out0, px.out0, ny.crop0, nx.crop0, ny.crop_len, nx.crop_len)
                     py, px = ny, nx
+                elif node_stages:
+                    delta = _Delta(patch, py.out0, px.out0)
+                    for j in node_stages:
+                        delta = _run_delta(staged.delta_stages[j], node_maps[j], delta)
+                    y = _paste(maps[node_stages[-1]], delta.patch, delta.y0, delta.x0)
                 else:
                     y = _paste(maps[k], patch, py.out0, px.out0)
                 y = y.permute(0, 3, 1, 2)
-            for stage in staged.stages[len(plan_locs):]:
+            for stage in staged.stages[len(plan_locs) + len(node_stages):]:
                 y = stage(y)
             return staged.head(y).double().reshape(len(qy), -1)
 
@@ -626,9 +850,9 @@ def occlusion_scores(
     if not np.isfinite(scores).all():
         raise SaliencyError("occluded features contain NaN or infinity")
     log.info("occlusion: %d positions (window %d, stride %d, occluder %s) in %.1fs; trunk %s; %d stage(s) "
-             "incremental", total, window, stride, "zero-after-normalize" if paper else
+             "on crops, %d node by node", total, window, stride, "zero-after-normalize" if paper else
              (occluder if isinstance(occluder, str) else "custom"), time.perf_counter() - t0,
-             staged.description, len(plan_locs))
+             staged.description, len(plan_locs), len(node_stages))
     return scores.reshape(len(ys), len(xs))
 
 
