@@ -2,6 +2,7 @@
 batch-1 loop, exactness of incremental inference, locality rules and input errors."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -37,6 +38,18 @@ def random_image(size: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
 
 def trunk(arch: str) -> nn.Module:
     return build_trunk(arch, seed=0).eval().double()
+
+
+def crops_only(staged: StagedTrunk) -> StagedTrunk:
+    """The same trunk without node-by-node graphs: incremental stages run on one crop each."""
+    return dataclasses.replace(staged, delta_stages=())
+
+
+#: how to make every stage of a ResNet-18 run incrementally, and what the log then says
+ALL_STAGES = {
+    "crops": (crops_only, {"max_crop_fraction": 1.0}, "9 stage(s) on crops, 0 node by node"),
+    "nodes": (lambda staged: staged, {"max_node_fraction": 1.0}, "0 stage(s) on crops, 9 node by node"),
+}
 
 
 def direct_map(net: nn.Module, normalize, image: torch.Tensor, window: int, occluder: str) -> np.ndarray:
@@ -137,51 +150,55 @@ def test_batched_map_equals_direct_loop_tiny_model(occluder: str) -> None:
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["crops", "nodes"])
 @pytest.mark.parametrize("occluder,size", [
     ("imagenet-mean", 16), ("paper", 16),
     pytest.param("imagenet-mean", 24, marks=pytest.mark.slow), pytest.param("paper", 24, marks=pytest.mark.slow),
 ])
-def test_batched_incremental_map_equals_direct_loop_resnet18(occluder: str, size: int,
+def test_batched_incremental_map_equals_direct_loop_resnet18(occluder: str, size: int, mode: str,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     net = trunk("resnet18")
     image = random_image(size, seed=4)
+    variant, kw, said = ALL_STAGES[mode]
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
-        ours = occlusion_map(prepare_trunk(net, dtype=torch.float64), image, normalize=IMAGENET, window=3,
-                             occluder=occluder, pointwise_normalize=True, max_crop_fraction=1.0, batch_size=128)
-    assert "9 stage(s) on crops" in caplog.text  # the crops were used
+        ours = occlusion_map(variant(prepare_trunk(net, dtype=torch.float64)), image, normalize=IMAGENET, window=3,
+                             occluder=occluder, pointwise_normalize=True, batch_size=128, **kw)
+    assert said in caplog.text  # every stage ran on changed blocks
     np.testing.assert_allclose(ours, direct_map(net, IMAGENET, image, 3, occluder), rtol=1e-6)
 
 
-@pytest.mark.parametrize("size,stride,max_crop_fraction,mode", [
-    (28, 1, 1.0, "9 stage(s) on crops, 0 node by node"),  # every stage on crops
-    (40, 2, 0.5, "1 stage(s) on crops, 1 node by node"),  # the packed fp32 graphs node by node
-])
-def test_fp32_fast_path_matches_float64_definition(size: int, stride: int, max_crop_fraction: float, mode: str,
+@pytest.mark.parametrize("size,stride,mode", [(28, 1, "crops"), (28, 1, "nodes"), (40, 2, "defaults")])
+def test_fp32_fast_path_matches_float64_definition(size: int, stride: int, mode: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     model = build_trunk("resnet18", seed=0).eval()
     image = random_image(size, seed=5)
     staged = prepare_trunk(model)
     assert "convolutions packed for oneDNN" in staged.description
+    variant, kw, said = ALL_STAGES.get(mode, (lambda t: t, {}, "0 stage(s) on crops, 2 node by node"))
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
-        fast = occlusion_map(staged, image, normalize=IMAGENET, window=3, stride=stride, pointwise_normalize=True,
-                             max_crop_fraction=max_crop_fraction)
-    assert mode in caplog.text
+        fast = occlusion_map(variant(staged), image, normalize=IMAGENET, window=3, stride=stride,
+                             pointwise_normalize=True, **kw)
+    assert said in caplog.text
     exact = occlusion_map(prepare_trunk(model, dtype=torch.float64, fold_bn=False, split=False), image,
                           normalize=IMAGENET, window=3, stride=stride)
     np.testing.assert_allclose(fast, exact, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch,node_stages", [("resnet18", 1), ("resnet50", 2)])
-def test_partly_changed_stages_run_node_by_node_exactly(arch: str, node_stages: int,
+@pytest.mark.parametrize("first_on_a_crop", [False, True])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_partly_changed_stages_run_node_by_node_exactly(arch: str, first_on_a_crop: bool,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """After the stages on crops, a stage whose output changes only in part runs each
-    convolution on the crop its changed outputs need, residual sums on the union of blocks."""
+    """A stage whose output changes only in part runs each convolution on the crop its changed
+    outputs need, residual sums on the union of blocks; after a stage on a crop too."""
     staged = prepare_trunk(trunk(arch), dtype=torch.float64)
+    if first_on_a_crop:
+        staged = dataclasses.replace(staged, delta_stages=(None, *staged.delta_stages[1:]))
     image = random_image(40, seed=40)
     kw = {"normalize": IMAGENET, "window": 3, "stride": 3, "pointwise_normalize": True}
     with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
         inc = occlusion_scores(staged, image, **kw)
-    assert f"1 stage(s) on crops, {node_stages} node by node" in caplog.text
+    said = caplog.text.split(";")[-1]
+    assert f"{int(first_on_a_crop)} stage(s) on crops" in said and " 0 node by node" not in said
     np.testing.assert_allclose(inc, occlusion_scores(staged, image, incremental=False, **kw), rtol=1e-10)
 
 
@@ -208,11 +225,13 @@ def test_incremental_equals_full_forward_all_stages(size: int, window: int, stri
     staged = prepare_trunk(trunk("resnet18"), dtype=torch.float64)
     image = random_image(size, seed=size)
     kw = {"normalize": IMAGENET, "window": window, "stride": stride, "pointwise_normalize": True}
-    with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
-        inc = occlusion_scores(staged, image, max_crop_fraction=1.0, **kw)
-    assert "9 stage(s) on crops" in caplog.text  # every stage on crops, edges included
     full = occlusion_scores(staged, image, incremental=False, **kw)
-    np.testing.assert_allclose(inc, full, rtol=1e-10)
+    for variant, extra, said in ALL_STAGES.values():
+        with caplog.at_level(logging.INFO, logger="medxfer.analysis.saliency"):
+            inc = occlusion_scores(variant(staged), image, **extra, **kw)
+        assert said in caplog.text  # every stage on changed blocks, edges included
+        caplog.clear()
+        np.testing.assert_allclose(inc, full, rtol=1e-10)
 
 
 @pytest.mark.slow
@@ -221,8 +240,10 @@ def test_incremental_equals_full_forward_other_archs(arch: str) -> None:
     staged = prepare_trunk(trunk(arch), dtype=torch.float64)
     image = random_image(33, seed=7)
     kw = {"normalize": IMAGENET, "window": 5, "stride": 3, "occluder": "paper"}
-    inc = occlusion_scores(staged, image, max_crop_fraction=1.0, **kw)
-    np.testing.assert_allclose(inc, occlusion_scores(staged, image, incremental=False, **kw), rtol=1e-10)
+    full = occlusion_scores(staged, image, incremental=False, **kw)
+    for variant, extra in ((crops_only, {"max_crop_fraction": 1.0}), (lambda t: t, {"max_node_fraction": 1.0})):
+        inc = occlusion_scores(variant(staged), image, **extra, **kw)
+        np.testing.assert_allclose(inc, full, rtol=1e-10)
 
 
 def test_non_pointwise_normalisation_runs_full_images(caplog: pytest.LogCaptureFixture) -> None:

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN_PIXEL = (124, 116, 104)
 #: Normalisations (medxfer.models.normalize names) that act on each pixel independently.
 POINTWISE_NORMALIZATIONS = frozenset({"imagenet", "none", "raw", "chexpert"})
-NODE_MAX_FRACTION = 0.99
+#: occluded images per forward pass by device type (128 measured fastest on the project's CPU)
+DEFAULT_BATCH = {"cpu": 128, "cuda": 512}
 PAPER_OCCLUDERS = frozenset({"zero-after-normalize", "paper"})
 
 Normalize = Callable[[Tensor], Tensor]  # uint8 B x C x H x W -> float B x 3 x H x W
@@ -694,7 +695,8 @@ def occlusion_scores(
     pointwise_normalize: bool = False,
     incremental: bool = True,
     max_crop_fraction: float = 0.5,
-    batch_size: int = 64,
+    max_node_fraction: float = 0.99,
+    batch_size: int = 128,
     progress: Progress | None = None,
     rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
@@ -707,8 +709,11 @@ def occlusion_scores(
     3 x H x W image and returns the uint8 image whose pixels fill the window (e.g. a blur).
     ``pointwise_normalize``: the caller's promise that ``normalize`` treats each pixel on its
     own (see :data:`POINTWISE_NORMALIZATIONS`), which lets the pixel-space occluder use
-    incremental inference; the paper's occluder always can. ``incremental`` / ``max_crop_fraction``:
-    local stages run on crops while a crop is at most this fraction of the stage's input.
+    incremental inference; the paper's occluder always can. ``incremental``: leading local
+    stages run on the changed blocks only: node by node where the stage has a graph for it
+    (:attr:`StagedTrunk.delta_stages`) while its changed output is at most ``max_node_fraction``
+    of its map, else on one crop per stage while the crop is at most ``max_crop_fraction`` of
+    the stage's input; the rest on full maps.
     Clean and occluded features go through the same modules in the same dtype.
     ``rows``: only window rows ``[first, last)`` of ``window_starts(H)`` (to split the work).
     Returns float64 ``len(window_starts(H)) x len(window_starts(W))`` (or those rows).
@@ -718,8 +723,9 @@ def occlusion_scores(
     _check_geometry(h, w, window, stride)
     if batch_size < 1:
         raise SaliencyError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 < max_crop_fraction <= 1:
-        raise SaliencyError(f"max_crop_fraction must be in (0, 1], got {max_crop_fraction}")
+    for name, value in (("max_crop_fraction", max_crop_fraction), ("max_node_fraction", max_node_fraction)):
+        if not 0 < value <= 1:
+            raise SaliencyError(f"{name} must be in (0, 1], got {value}")
     if isinstance(trunk, nn.Module):
         _check_eval(trunk)
     staged = StagedTrunk.wrap(trunk)
@@ -746,10 +752,15 @@ def occlusion_scores(
             raise SaliencyError(f"the clean image's features have norm {norm0}: relative scores are undefined")
 
         # how many leading stages run on crops
+        # which leading stages run on changed blocks: node by node where the stage has a graph
+        # for it (:func:`_run_delta`), else on one crop per stage (:func:`_axis_plan`), while a
+        # stage's output changes only in part; the rest run on full maps
         local = (paper or pointwise_normalize) and incremental
-        plan_locs: list[Locality] = []
-        if local:
-            length_y = length_x = window
+        plan_locs: list[Locality] = []  # stages on crops
+        node_stages: list[int] = []  # then stages node by node
+        length_y = length_x = window
+        nodes_from_start = bool(staged.delta_stages) and staged.delta_stages[0] is not None
+        if local and not nodes_from_start:
             for k, loc in enumerate(_leading_local(staged.localities)):
                 if shapes[k + 1] is None:
                     break
@@ -760,24 +771,21 @@ def occlusion_scores(
                     break
                 plan_locs.append(loc)
                 length_y, length_x = ay.out_len, ax.out_len
-        # then the stages whose output still changes only in part run node by node on changed
-        # blocks (their clean maps, and so f0, recomputed through the same graphs)
-        node_stages: list[int] = []
-        node_maps: dict[int, dict[torch.fx.Node, Tensor]] = {}
         k = len(plan_locs)
-        while plan_locs and k < len(staged.stages) and k < len(staged.delta_stages) \
+        while local and (plan_locs or nodes_from_start) and k < min(len(staged.stages), len(staged.delta_stages)) \
                 and staged.delta_stages[k] is not None and shapes[k + 1] is not None:
             loc = staged.localities[k]
             (hi, wi), (ho, wo) = shapes[k], shapes[k + 1]
             ay = _axis_plan(torch.zeros(1, dtype=torch.long), length_y, hi, ho, loc)
             ax = _axis_plan(torch.zeros(1, dtype=torch.long), length_x, wi, wo, loc)
-            if ay.out_len * ax.out_len > NODE_MAX_FRACTION * ho * wo:
+            if ay.out_len * ax.out_len > max_node_fraction * ho * wo:
                 break
             node_stages.append(k)
             length_y, length_x = ay.out_len, ax.out_len
             k += 1
-        if node_stages:
-            y = maps[node_stages[0] - 1].permute(2, 0, 1)[None]
+        node_maps: dict[int, dict[torch.fx.Node, Tensor]] = {}
+        if node_stages:  # clean maps (and so f0) through the very graphs the occluded images take
+            y = maps[node_stages[0] - 1].permute(2, 0, 1)[None] if node_stages[0] else staged.cast(clean_norm)
             for k in range(node_stages[0], len(staged.stages)):
                 if k in node_stages:
                     y, node_maps[k] = _clean_nodes(staged.delta_stages[k], y)
@@ -799,8 +807,25 @@ def occlusion_scores(
         total = len(qy_all)
         ar = torch.arange(max(h, w), device=x.device)
 
+        def window_delta(qy: Tensor, qx: Tensor) -> _Delta:
+            """The occluded windows as the changed blocks of the (cast) normalised input."""
+            if paper:
+                block = torch.zeros(len(qy), window, window, 3, device=x.device)
+            else:
+                filled = _compose(fill_hwc, None, qy, qx, qy, qx, window, window).permute(0, 3, 1, 2)
+                block = normalize(filled).permute(0, 2, 3, 1)
+            return _Delta(block if staged.dtype is None else block.to(staged.dtype), qy, qx)
+
         def features(qy: Tensor, qx: Tensor) -> Tensor:
             """Features (float64 B x D) of the images occluded at (qy, qx)."""
+            if node_stages and not plan_locs:
+                delta = window_delta(qy, qx)
+                for j in node_stages:
+                    delta = _run_delta(staged.delta_stages[j], node_maps[j], delta)
+                y = _paste(maps[node_stages[-1]], delta.patch, delta.y0, delta.x0).permute(0, 3, 1, 2)
+                for stage in staged.stages[len(node_stages):]:
+                    y = stage(y)
+                return staged.head(y).double().reshape(len(qy), -1)
             if plan_locs:
                 py = _axis_plan(qy, window, h, shapes[1][0], plan_locs[0])
                 px = _axis_plan(qx, window, w, shapes[1][1], plan_locs[0])
@@ -867,7 +892,8 @@ def occlusion_map(
     pointwise_normalize: bool = False,
     incremental: bool = True,
     max_crop_fraction: float = 0.5,
-    batch_size: int = 64,
+    max_node_fraction: float = 0.99,
+    batch_size: int = 128,
     progress: Progress | None = None,
     crop: bool = True,
 ) -> np.ndarray:
@@ -879,7 +905,8 @@ def occlusion_map(
     x = _as_rgb_uint8(image)
     scores = occlusion_scores(trunk, x, normalize=normalize, window=window, stride=stride, occluder=occluder,
                               pointwise_normalize=pointwise_normalize, incremental=incremental,
-                              max_crop_fraction=max_crop_fraction, batch_size=batch_size, progress=progress)
+                              max_crop_fraction=max_crop_fraction, max_node_fraction=max_node_fraction,
+                              batch_size=batch_size, progress=progress)
     if not is_exact(stride):
         log.info("occlusion map at stride %d: an approximation of the stride-1 map", stride)
     return accumulate_scores(scores, (x.shape[1], x.shape[2]), window, stride, crop=crop)
@@ -930,7 +957,9 @@ class SaliencyParams(Params):
         "normalisation (the same occluded image for every model); paper: zero after normalisation")
     precision: Literal["fp32", "bf16"] = setting("fp32", help="bf16 moves maps by a median 23% (measured): "
                                                  "quick looks only")
-    batch_size: int = setting(64, check=positive, execution=True, help="occluded images per forward pass")
+    batch_size: int | None = setting(None, check=positive, execution=True,
+                                     help="occluded images per forward pass (None: 128 on a CPU, the fastest "
+                                          "measured there; 512 on CUDA)")
 
 
 def _run(ctx: Any, p: SaliencyParams, seed: int) -> EvalResult:
@@ -950,7 +979,8 @@ def _run(ctx: Any, p: SaliencyParams, seed: int) -> EvalResult:
         steps = bar(total=n_pos, desc=f"saliency {model.name} image {int(row)}", unit="pos")
         smap = occlusion_map(trunk, image, normalize=model.normalize, window=p.window, stride=p.stride,
                              occluder="zero-after-normalize" if p.occluder == "paper" else p.occluder,
-                             pointwise_normalize=pointwise, batch_size=p.batch_size,
+                             pointwise_normalize=pointwise, batch_size=p.batch_size or DEFAULT_BATCH.get(
+                                 torch.device(ctx.device).type, 128),
                              progress=lambda done, total: steps.update(done - steps.n))
         steps.close()
         diffusion = attentive_diffusion(smap)
