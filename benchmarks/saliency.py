@@ -89,7 +89,7 @@ def main() -> None:
                     help="baseline on the first rows of each chunk (window + 1: two full map rows per chunk)")
     ap.add_argument("--max-rows", type=int, default=None,
                     help="process only this many window rows and extrapolate both sides (full-size runs)")
-    ap.add_argument("--batch-size", type=int, default=128, help="the protocol's CPU default")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the protocol's automatic choice")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the float64 run on the baseline rows")
     ap.add_argument("--threads", type=int, default=None,

@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN_PIXEL = (124, 116, 104)
 #: Normalisations (medxfer.models.normalize names) that act on each pixel independently.
 POINTWISE_NORMALIZATIONS = frozenset({"imagenet", "none", "raw", "chexpert"})
-#: occluded images per forward pass by device type (128 measured fastest on the project's CPU)
+#: occluded images per forward pass by device type (128 measured fastest on the project's CPU
+#: for ResNet-18), and the CPU budget for one batch's largest stage map
 DEFAULT_BATCH = {"cpu": 128, "cuda": 512}
+CPU_MAP_BUDGET = 256 * 2**20
 PAPER_OCCLUDERS = frozenset({"zero-after-normalize", "paper"})
 
 Normalize = Callable[[Tensor], Tensor]  # uint8 B x C x H x W -> float B x 3 x H x W
@@ -602,6 +604,15 @@ def _union(deltas: Sequence[_Delta], shape: tuple[int, int]) -> tuple[Tensor, Te
     return corners[0], corners[1], sizes[0], sizes[1]
 
 
+def _block_over(clean: Tensor, d: _Delta, y0: Tensor, x0: Tensor, len_y: int, len_x: int) -> Tensor:
+    """The block ``[y0, y0 + len_y) x [x0, x0 + len_x)`` of the map ``clean`` changed by ``d``:
+    ``d``'s own patch where it is that very block (a 1 x 1 convolution's input, the larger
+    operand of a residual sum), else :func:`_compose`."""
+    if d.patch.shape[1:3] == (len_y, len_x) and torch.equal(d.y0, y0) and torch.equal(d.x0, x0):
+        return d.patch
+    return _compose(clean, d.patch, d.y0, d.x0, y0, x0, len_y, len_x)
+
+
 def _run_delta(gm: torch.fx.GraphModule, clean: dict[torch.fx.Node, Tensor], d_in: _Delta) -> _Delta:
     """The changed block of ``gm``'s output, given the changed block of its input: every local
     module runs on the crop its changed outputs need (:func:`_axis_plan`), pointwise nodes on the
@@ -624,7 +635,7 @@ def _run_delta(gm: torch.fx.GraphModule, clean: dict[torch.fx.Node, Tensor], d_i
             loc, cin, cout = _leaf_locality(mod), clean[src], clean[node]
             ay = _axis_plan(d.y0, d.patch.shape[1], cin.shape[0], cout.shape[0], loc)
             ax = _axis_plan(d.x0, d.patch.shape[2], cin.shape[1], cout.shape[1], loc)
-            crop = _compose(cin, d.patch, d.y0, d.x0, ay.crop0, ax.crop0, ay.crop_len, ax.crop_len)
+            crop = _block_over(cin, d, ay.crop0, ax.crop0, ay.crop_len, ax.crop_len)
             out = mod(crop.permute(0, 3, 1, 2))
             env[node] = _Delta(_take(out, ay.offset, ay.out_len, ax.offset, ax.out_len), ay.out0, ax.out0)
             continue
@@ -637,7 +648,7 @@ def _run_delta(gm: torch.fx.GraphModule, clean: dict[torch.fx.Node, Tensor], d_i
             srcs = list(node.args[0]) if node.target is torch.cat else list(node.args)
             shape = tuple(clean[node].shape[:2])
             uy, ux, ly, lx = _union([env[a] for a in srcs], shape)
-            parts = [_compose(clean[a], env[a].patch, env[a].y0, env[a].x0, uy, ux, ly, lx) for a in srcs]
+            parts = [_block_over(clean[a], env[a], uy, ux, ly, lx) for a in srcs]
             if node.target is torch.cat:
                 block = torch.cat(parts, dim=-1)
             elif node.target in (operator.mul, torch.mul):
@@ -684,6 +695,16 @@ def _as_rgb_uint8(image: Tensor | np.ndarray) -> Tensor:
     return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x.contiguous()
 
 
+def auto_batch_size(device: torch.device, map_bytes: int) -> int:
+    """Occluded images per pass: :data:`DEFAULT_BATCH` for the device type; on a CPU fewer
+    (at least 16) where one image's largest stage map times the batch would exceed
+    :data:`CPU_MAP_BUDGET` (ResNet-50 at 242 px: 64, measured 12% faster than 128 there)."""
+    batch = DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
+    if device.type == "cpu" and map_bytes > 0:
+        batch = min(batch, max(16, CPU_MAP_BUDGET // map_bytes))
+    return batch
+
+
 def occlusion_scores(
     trunk: Trunk | StagedTrunk,
     image: Tensor | np.ndarray,
@@ -696,7 +717,7 @@ def occlusion_scores(
     incremental: bool = True,
     max_crop_fraction: float = 0.5,
     max_node_fraction: float = 0.99,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: Progress | None = None,
     rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
@@ -715,13 +736,14 @@ def occlusion_scores(
     of its map, else on one crop per stage while the crop is at most ``max_crop_fraction`` of
     the stage's input; the rest on full maps.
     Clean and occluded features go through the same modules in the same dtype.
+    ``batch_size``: occluded images per pass; None: :func:`auto_batch_size`.
     ``rows``: only window rows ``[first, last)`` of ``window_starts(H)`` (to split the work).
     Returns float64 ``len(window_starts(H)) x len(window_starts(W))`` (or those rows).
     """
     x = _as_rgb_uint8(image)
     _, h, w = x.shape
     _check_geometry(h, w, window, stride)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise SaliencyError(f"batch_size must be >= 1, got {batch_size}")
     for name, value in (("max_crop_fraction", max_crop_fraction), ("max_node_fraction", max_node_fraction)):
         if not 0 < value <= 1:
@@ -795,6 +817,10 @@ def occlusion_scores(
             f0 = staged.head(y).double().reshape(1, -1)
             norm0 = float(f0.norm())
 
+        if batch_size is None:
+            biggest = max(m.numel() * m.element_size() for m in maps if m is not None) if any(
+                m is not None for m in maps) else 0
+            batch_size = auto_batch_size(x.device, biggest)
         src = (clean_norm[0] if paper else x).permute(1, 2, 0)  # H x W x C
         fill_hwc = None if paper else fill.permute(1, 2, 0)
         ys, xs = window_starts(h, window, stride), window_starts(w, window, stride)
@@ -874,9 +900,9 @@ def occlusion_scores(
                 progress(start + len(qy), total)
     if not np.isfinite(scores).all():
         raise SaliencyError("occluded features contain NaN or infinity")
-    log.info("occlusion: %d positions (window %d, stride %d, occluder %s) in %.1fs; trunk %s; %d stage(s) "
-             "on crops, %d node by node", total, window, stride, "zero-after-normalize" if paper else
-             (occluder if isinstance(occluder, str) else "custom"), time.perf_counter() - t0,
+    log.info("occlusion: %d positions (window %d, stride %d, occluder %s, batch %d) in %.1fs; trunk %s; "
+             "%d stage(s) on crops, %d node by node", total, window, stride, "zero-after-normalize" if paper else
+             (occluder if isinstance(occluder, str) else "custom"), batch_size, time.perf_counter() - t0,
              staged.description, len(plan_locs), len(node_stages))
     return scores.reshape(len(ys), len(xs))
 
@@ -893,7 +919,7 @@ def occlusion_map(
     incremental: bool = True,
     max_crop_fraction: float = 0.5,
     max_node_fraction: float = 0.99,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: Progress | None = None,
     crop: bool = True,
 ) -> np.ndarray:
@@ -958,8 +984,8 @@ class SaliencyParams(Params):
     precision: Literal["fp32", "bf16"] = setting("fp32", help="bf16 moves maps by a median 23% (measured): "
                                                  "quick looks only")
     batch_size: int | None = setting(None, check=positive, execution=True,
-                                     help="occluded images per forward pass (None: 128 on a CPU, the fastest "
-                                          "measured there; 512 on CUDA)")
+                                     help="occluded images per forward pass (None: 128 on a CPU, fewer for "
+                                          "large maps; 512 on CUDA)")
 
 
 def _run(ctx: Any, p: SaliencyParams, seed: int) -> EvalResult:
@@ -979,8 +1005,7 @@ def _run(ctx: Any, p: SaliencyParams, seed: int) -> EvalResult:
         steps = bar(total=n_pos, desc=f"saliency {model.name} image {int(row)}", unit="pos")
         smap = occlusion_map(trunk, image, normalize=model.normalize, window=p.window, stride=p.stride,
                              occluder="zero-after-normalize" if p.occluder == "paper" else p.occluder,
-                             pointwise_normalize=pointwise, batch_size=p.batch_size or DEFAULT_BATCH.get(
-                                 torch.device(ctx.device).type, 128),
+                             pointwise_normalize=pointwise, batch_size=p.batch_size,
                              progress=lambda done, total: steps.update(done - steps.n))
         steps.close()
         diffusion = attentive_diffusion(smap)
