@@ -3,9 +3,9 @@
 The authors ran every occluded image through the model one at a time: normalise the image,
 set the window to 0 (after normalisation), forward at batch 1, for each of the (S - w + 1)^2
 positions (54,289 for 242 px and a 10 px window). medxfer builds the occluded images of a batch
-of positions by broadcasting a window mask, runs a BatchNorm-folded channels-last copy of the
-trunk, and runs the trunk's leading local stages on crops around the window only (exact up
-to float rounding). Both use the same occluder here (``zero-after-normalize``), the same
+of positions by broadcasting a window mask, runs a BatchNorm-folded, oneDNN-packed,
+channels-last copy of the trunk, and runs its leading stages node by node on the blocks the
+window changes only, pasting them into the clean maps (exact up to float rounding). Both use the same occluder here (``zero-after-normalize``), the same
 image and the same random-weight model in eval mode, fp32, so their scores are compared.
 
 Timing: the window rows are processed in chunks of ``--chunk-rows``; for every chunk medxfer

@@ -366,3 +366,31 @@ def test_ichallenge_pm_few_shot_pool_is_the_400_training_images(shared_data, tmp
     assert paper.details["pool_images"] == 400 and paper.params["pool_splits"] == ["train"]
     everything = medxfer.evaluate("fewshot", feats, episodes=20, pool_splits=None)
     assert everything.details["pool_images"] == 800
+
+
+@pytest.mark.parametrize("error,status", [(KeyboardInterrupt(), "interrupted"),
+                                          (OSError(28, "No space left on device"), "stopped")])
+def test_a_run_that_stops_part_way_says_so_in_run_json(tmp_path, monkeypatch, error, status):
+    import medxfer.executors.local as local
+
+    data = _write_folder(tmp_path / "data")
+    spec = _spec(tmp_path, data, seeds=(0, 1))
+    real, started = local.execute_cell, []
+
+    def second_cell_stops(cell, session):
+        started.append(cell.id)
+        if len(started) == 2:
+            raise error
+        return real(cell, session)
+
+    monkeypatch.setattr(local, "execute_cell", second_cell_stops)
+    with pytest.raises(type(error)):
+        run(spec, progress=False)
+    record = json.loads((Path(spec.out) / "run.json").read_text())
+    assert record["status"] == status
+    assert [c["status"] for c in record["cells"]] == ["computed", "pending"]
+    assert ("No space left on device" in record.get("stopped_by", "")) == (status == "stopped")
+    monkeypatch.setattr(local, "execute_cell", real)
+    again = run(spec, progress=False)  # the stopped run resumes: the first cell is reused
+    assert len(again.reused) == 1 and len(again.computed) == 1
+    assert json.loads((Path(spec.out) / "run.json").read_text())["status"] == "finished"

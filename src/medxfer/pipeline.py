@@ -75,9 +75,26 @@ def run(spec: RunSpec, progress: bool | None = None) -> RunOutcome:
         if runnable:
             executor.preflight(runnable, session)
             write_run_record(spec, session, cells, [], status="running")
-            for o in executor.run(runnable, session):
-                done[o.cell.id] = o
+            try:
+                for o in executor.run(runnable, session):
+                    done[o.cell.id] = o
+            except BaseException as exc:  # recorded, then raised as it was
+                record_stop(spec, session, cells, list(done.values()), exc)
+                raise
     return finish(spec, session, [done[c.id] for c in cells])
+
+
+def record_stop(spec: RunSpec, session: Session, cells: list[Cell], outcomes: list[CellOutcome],
+                exc: BaseException) -> None:
+    """Best effort: ``run.json`` says the run stopped (``interrupted``, or ``stopped`` with the
+    error) and which cells finished, instead of ``running``; when even that cannot be written
+    (the full disk that stopped the run) a warning says so and the original error stands."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    try:
+        write_run_record(spec, session, cells, outcomes, status="interrupted" if interrupted else "stopped",
+                         stop=None if interrupted else f"{type(exc).__name__}: {exc}")
+    except Exception as again:  # never hide the error that stopped the run
+        log.warning("run.json could not record that the run stopped (%s: %s)", type(again).__name__, again)
 
 
 def load_datasets(spec: RunSpec, session: Session) -> None:
@@ -136,7 +153,7 @@ def resume_spec(run_dir: str | Path, **changes: Any) -> RunSpec:
 
 
 def write_run_record(spec: RunSpec, session: Session, cells: list[Cell], outcomes: list[CellOutcome],
-                     status: str) -> None:
+                     status: str, stop: str | None = None) -> None:
     """``run.json``: the spec, versions, device, cache, every cell's status and, once cells
     ran, what is needed to reproduce them (weights hashes, split files, seeds)."""
     by_id = {o.cell.id: o for o in outcomes}
@@ -154,6 +171,8 @@ def write_run_record(spec: RunSpec, session: Session, cells: list[Cell], outcome
         "cache_dir": str(session.cache_dir), "host": socket.gethostname(), "pid": os.getpid(),
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cells": cell_rows,
     }
+    if stop is not None:
+        record["stopped_by"] = stop
     weights = {o.result.model: {"weights": o.result.model_info.weights, "weights_hash": o.result.model_info.weights_hash}
                for o in outcomes if o.result is not None}
     if weights:

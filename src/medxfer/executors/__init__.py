@@ -6,7 +6,7 @@ executors register an :class:`Executor` in :data:`EXECUTORS`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from medxfer.cell import Cell, CellOutcome, Session
@@ -14,12 +14,13 @@ from medxfer.registry import Registry
 
 
 class Executor(Protocol):
-    """Runs cells and returns one outcome per cell, in the cells' order; ``preflight`` is
+    """Runs cells and gives one outcome per cell, in the cells' order (as they finish, where it
+    can: a run that stops part-way records the cells done); ``preflight`` is
     called before anything is written (the Ray executor checks the cluster's resources)."""
 
     def preflight(self, cells: Sequence[Cell], session: Session) -> None: ...
 
-    def run(self, cells: Sequence[Cell], session: Session) -> list[CellOutcome]: ...
+    def run(self, cells: Sequence[Cell], session: Session) -> Iterable[CellOutcome]: ...
 
 
 EXECUTORS: Registry[Callable[[], Executor]] = Registry("executor", "medxfer.executors")

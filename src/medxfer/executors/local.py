@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from medxfer.cell import Cell, CellOutcome, Session, execute_cell
 
@@ -16,8 +16,9 @@ class LocalExecutor:
     def preflight(self, cells: Sequence[Cell], session: Session) -> None:
         """Nothing to check: the cells run here."""
 
-    def run(self, cells: Sequence[Cell], session: Session) -> list[CellOutcome]:
-        return [execute_cell(cell, session) for cell in cells]
+    def run(self, cells: Sequence[Cell], session: Session) -> Iterator[CellOutcome]:
+        for cell in cells:
+            yield execute_cell(cell, session)
 
 
 def _register() -> None:
