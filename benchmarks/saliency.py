@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own); 1 gives a load-robust work ratio in CPU seconds")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 and measure its difference from fp32")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,14 +105,15 @@ def main() -> None:
     ys, xs = window_starts(args.size, args.window), window_starts(args.size, args.window)
     n_rows = len(ys) if args.max_rows is None else min(args.max_rows, len(ys))
     total = len(ys) * len(xs)
-    say(f"occlusion saliency, {args.arch} with RANDOM weights, eval mode, fp32, cpu; image {source} at "
+    device = torch.device(args.device)
+    say(f"occlusion saliency, {args.arch} with RANDOM weights, eval mode, fp32, {device}; image {source} at "
           f"{args.size} x {args.size}, window {args.window}, stride 1: {len(ys)} x {len(xs)} = {total} positions; "
           f"occluder zero-after-normalize on both sides")
-    base_model = load_model(args.arch, weights="random")
+    base_model = load_model(args.arch, weights="random").to(device)
     ours_model = load_model(args.arch, weights="random")
-    staged, t_prep = timed(lambda: prepare_trunk(ours_model.trunk))
+    staged, t_prep = timed(lambda: prepare_trunk(ours_model.trunk, device=device))
     say(f"ours: {staged.description}; prepared in {t_prep}")
-    clean = base_model.normalize(image[None])
+    clean = base_model.normalize(image[None].to(device))
     with torch.no_grad():
         f0 = base_model(clean).double()
         for _ in range(3):
@@ -169,7 +171,7 @@ def main() -> None:
     say(f"agreement of the {int(ok.sum())} scores: max relative difference {rel_s.max():.2e}, median "
           f"{np.median(rel_s):.2e}; scores {theirs[ok].min():.3g} to {theirs[ok].max():.3g}")
     if args.reference:
-        ref = prepare_trunk(ours_model.trunk, dtype=torch.float64)
+        ref = prepare_trunk(ours_model.trunk, dtype=torch.float64, device=device)
         exact = np.full_like(theirs, np.nan)
         for a, b in blocks:
             exact[a:b] = occlusion_scores(ref, image, normalize=ours_model.normalize, window=args.window,
@@ -181,7 +183,7 @@ def main() -> None:
         smap = accumulate_scores(ours, args.size, args.window)
         say(f"ours' map: {smap.shape[0]} x {smap.shape[1]}, mean {smap.mean():.4g}, max {smap.max():.4g}")
     if args.bf16:
-        fast = prepare_trunk(ours_model.trunk, dtype=torch.bfloat16)
+        fast = prepare_trunk(ours_model.trunk, dtype=torch.bfloat16, device=device)
         rr = (0, n_rows)
         b16, t16 = timed(lambda: occlusion_scores(fast, image, normalize=ours_model.normalize, window=args.window,
                                                   occluder="paper", rows=rr, batch_size=args.batch_size))
