@@ -701,6 +701,45 @@ def _as_rgb_uint8(image: Tensor | np.ndarray) -> Tensor:
     return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x.contiguous()
 
 
+def _plan_stages(staged: StagedTrunk, shapes: Sequence[tuple[int, ...] | None], window: int,
+                 max_crop_fraction: float, max_node_fraction: float) -> tuple[list[Locality], list[int]]:
+    """Which leading stages run on changed blocks: (the localities of the stages on one crop
+    each, then the indices of the stages run node by node). Node by node where the stage has a
+    graph for it (:func:`_run_delta`) while its changed output is at most ``max_node_fraction`` of
+    its map; stages before the first such graph on crops while a crop is at most
+    ``max_crop_fraction`` of the stage's input. ``shapes[k]``: the spatial size of stage k's input
+    (None: not a map)."""
+    def axes(k: int, length_y: int, length_x: int, loc: Locality) -> tuple[_Axis, _Axis]:
+        (hi, wi), (ho, wo) = shapes[k], shapes[k + 1]
+        zero = torch.zeros(1, dtype=torch.long)
+        return _axis_plan(zero, length_y, hi, ho, loc), _axis_plan(zero, length_x, wi, wo, loc)
+
+    plan_locs: list[Locality] = []
+    node_stages: list[int] = []
+    length_y = length_x = window
+    deltas = staged.delta_stages
+    nodes_from_start = bool(deltas) and deltas[0] is not None
+    if not nodes_from_start:
+        for k, loc in enumerate(_leading_local(staged.localities)):
+            if shapes[k + 1] is None:
+                break
+            ay, ax = axes(k, length_y, length_x, loc)
+            if ay.crop_len * ax.crop_len > max_crop_fraction * shapes[k][0] * shapes[k][1]:
+                break
+            plan_locs.append(loc)
+            length_y, length_x = ay.out_len, ax.out_len
+    k = len(plan_locs)
+    while (plan_locs or nodes_from_start) and k < min(len(staged.stages), len(deltas)) \
+            and deltas[k] is not None and staged.localities[k] is not None and shapes[k + 1] is not None:
+        ay, ax = axes(k, length_y, length_x, staged.localities[k])
+        if ay.out_len * ax.out_len > max_node_fraction * shapes[k + 1][0] * shapes[k + 1][1]:
+            break
+        node_stages.append(k)
+        length_y, length_x = ay.out_len, ax.out_len
+        k += 1
+    return plan_locs, node_stages
+
+
 def auto_batch_size(device: torch.device, map_bytes: int) -> int:
     """Occluded images per pass: :data:`DEFAULT_BATCH` for the device type; on a CPU fewer
     (at least 16) where one image's largest stage map times the batch would exceed
@@ -779,38 +818,9 @@ def occlusion_scores(
         if not math.isfinite(norm0) or norm0 == 0.0:
             raise SaliencyError(f"the clean image's features have norm {norm0}: relative scores are undefined")
 
-        # how many leading stages run on crops
-        # which leading stages run on changed blocks: node by node where the stage has a graph
-        # for it (:func:`_run_delta`), else on one crop per stage (:func:`_axis_plan`), while a
-        # stage's output changes only in part; the rest run on full maps
         local = (paper or pointwise_normalize) and incremental
-        plan_locs: list[Locality] = []  # stages on crops
-        node_stages: list[int] = []  # then stages node by node
-        length_y = length_x = window
-        nodes_from_start = bool(staged.delta_stages) and staged.delta_stages[0] is not None
-        if local and not nodes_from_start:
-            for k, loc in enumerate(_leading_local(staged.localities)):
-                if shapes[k + 1] is None:
-                    break
-                (hi, wi), (ho, wo) = shapes[k], shapes[k + 1]
-                ay = _axis_plan(torch.zeros(1, dtype=torch.long), length_y, hi, ho, loc)
-                ax = _axis_plan(torch.zeros(1, dtype=torch.long), length_x, wi, wo, loc)
-                if ay.crop_len * ax.crop_len > max_crop_fraction * hi * wi:
-                    break
-                plan_locs.append(loc)
-                length_y, length_x = ay.out_len, ax.out_len
-        k = len(plan_locs)
-        while local and (plan_locs or nodes_from_start) and k < min(len(staged.stages), len(staged.delta_stages)) \
-                and staged.delta_stages[k] is not None and shapes[k + 1] is not None:
-            loc = staged.localities[k]
-            (hi, wi), (ho, wo) = shapes[k], shapes[k + 1]
-            ay = _axis_plan(torch.zeros(1, dtype=torch.long), length_y, hi, ho, loc)
-            ax = _axis_plan(torch.zeros(1, dtype=torch.long), length_x, wi, wo, loc)
-            if ay.out_len * ax.out_len > max_node_fraction * ho * wo:
-                break
-            node_stages.append(k)
-            length_y, length_x = ay.out_len, ax.out_len
-            k += 1
+        plan_locs, node_stages = _plan_stages(staged, shapes, window, max_crop_fraction,
+                                              max_node_fraction) if local else ([], [])
         node_maps: dict[int, dict[torch.fx.Node, Tensor]] = {}
         if node_stages:  # clean maps (and so f0) through the very graphs the occluded images take
             y = maps[node_stages[0] - 1].permute(2, 0, 1)[None] if node_stages[0] else staged.cast(clean_norm)
