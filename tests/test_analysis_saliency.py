@@ -203,14 +203,14 @@ def test_partly_changed_stages_run_node_by_node_exactly(arch: str, first_on_a_cr
 
 
 def test_automatic_batch_size_keeps_a_batch_of_maps_within_budget() -> None:
-    from medxfer.analysis.saliency import CPU_MAP_BUDGET, DEFAULT_BATCH, auto_batch_size
+    from medxfer.analysis.saliency import CPU_MAP_BUDGET, OCCLUSION_BATCH, auto_batch_size
 
     cpu = torch.device("cpu")
-    assert auto_batch_size(cpu, 0) == auto_batch_size(cpu, 1000) == DEFAULT_BATCH["cpu"]
+    assert auto_batch_size(cpu, 0) == auto_batch_size(cpu, 1000) == OCCLUSION_BATCH["cpu"]
     r50_layer1_242 = 61 * 61 * 256 * 4
-    assert auto_batch_size(cpu, r50_layer1_242) == CPU_MAP_BUDGET // r50_layer1_242 < DEFAULT_BATCH["cpu"]
+    assert auto_batch_size(cpu, r50_layer1_242) == CPU_MAP_BUDGET // r50_layer1_242 < OCCLUSION_BATCH["cpu"]
     assert auto_batch_size(cpu, CPU_MAP_BUDGET) == 16
-    assert auto_batch_size(torch.device("cuda"), r50_layer1_242) == DEFAULT_BATCH["cuda"]
+    assert auto_batch_size(torch.device("cuda"), r50_layer1_242) == OCCLUSION_BATCH["cuda"]
 
 
 def test_compose_writes_only_the_overlap_of_a_block() -> None:

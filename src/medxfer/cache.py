@@ -278,7 +278,12 @@ LAST_USED = "last_used.json"
 def last_used_path(artifact: Path) -> Path:
     """Where the last-use stamp of ``artifact`` lives: ``last_used.json`` inside an artifact
     folder, ``.<name>.last_used.json`` beside an artifact file."""
-    return artifact / LAST_USED if artifact.is_dir() else artifact.with_name(f".{artifact.name}.last_used.json")
+    return artifact / LAST_USED if artifact.is_dir() else artifact.with_name(f".{artifact.name}.{LAST_USED}")
+
+
+def is_last_used_stamp(path: Path) -> bool:
+    """Whether ``path`` is a last-use stamp (:func:`last_used_path`), not part of an artifact's data."""
+    return path.name == LAST_USED or (path.name.startswith(".") and path.name.endswith(f".{LAST_USED}"))
 
 
 def stamp_last_used(artifact: str | os.PathLike[str]) -> None:
@@ -458,6 +463,25 @@ class ResumableArray:
         _VERIFIED[memo] = True
         return None
 
+    def open_verified(self, full: bool | None = None,
+                      marker: dict[str, Any] | None = None) -> tuple[np.ndarray | None, str | None]:
+        """(read-only memmap, None) when the array matches its marker in content (:meth:`verify`),
+        shape and dtype; else (None, what is wrong, the file named)."""
+        m = marker if marker is not None else self.marker()
+        if m is None:
+            return None, "no completion marker"
+        problem = self.verify(full, marker=m)
+        if problem is not None:
+            return None, problem
+        try:
+            array = np.load(self.array_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return None, f"{self.array_path.name} is unreadable ({exc})"
+        if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
+            return None, (f"{self.array_path.name} has shape {list(array.shape)} {array.dtype}, the marker says "
+                          f"{m['shape']} {m['dtype']}")
+        return array, None
+
     def load(self, repair: bool = False) -> tuple[np.ndarray, dict[str, Any]] | None:
         """(read-only memmap, meta) of a complete, verified artifact; None when it is not there
         or does not verify. ``repair``: remove a corrupt one (with a warning) so that it gets
@@ -466,14 +490,8 @@ class ResumableArray:
         m = self.marker()
         if m is None:
             return None
-        problem = self.verify(marker=m)
-        array = None
-        if problem is None:
-            array = np.load(self.array_path, mmap_mode="r")
-            if list(array.shape) != list(m["shape"]) or str(array.dtype) != m["dtype"]:
-                problem = f"array has shape {array.shape} {array.dtype}, the marker says {m['shape']} {m['dtype']}"
-                array = None
-        if problem is not None:
+        array, problem = self.open_verified(marker=m)
+        if array is None:
             if repair:
                 log.warning("%s: %s; rebuilding it", self.what, problem)
                 self.discard()

@@ -222,10 +222,15 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = yaml_problem(exc)
         context = getattr(exc, "context", None)
         raise SpecError(f"{path}: {where}invalid YAML in {what}: {problem}"
                         + (f" ({context})" if context else "")) from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """What a YAML parser error says is wrong, in one line."""
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
 def _check_names(spec: RunSpec, where: str) -> None:

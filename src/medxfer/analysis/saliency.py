@@ -58,7 +58,7 @@ IMAGENET_MEAN_PIXEL = (124, 116, 104)
 POINTWISE_NORMALIZATIONS = frozenset({"imagenet", "none", "raw", "chexpert"})
 #: occluded images per forward pass by device type (128 measured fastest on the project's CPU
 #: for ResNet-18), and the CPU budget for one batch's largest stage map
-DEFAULT_BATCH = {"cpu": 128, "cuda": 512}
+OCCLUSION_BATCH = {"cpu": 128, "cuda": 512}
 CPU_MAP_BUDGET = 256 * 2**20
 PAPER_OCCLUDERS = frozenset({"zero-after-normalize", "paper"})
 
@@ -741,10 +741,10 @@ def _plan_stages(staged: StagedTrunk, shapes: Sequence[tuple[int, ...] | None], 
 
 
 def auto_batch_size(device: torch.device, map_bytes: int) -> int:
-    """Occluded images per pass: :data:`DEFAULT_BATCH` for the device type; on a CPU fewer
+    """Occluded images per pass: :data:`OCCLUSION_BATCH` for the device type; on a CPU fewer
     (at least 16) where one image's largest stage map times the batch would exceed
     :data:`CPU_MAP_BUDGET` (ResNet-50 at 242 px: 64, measured 12% faster than 128 there)."""
-    batch = DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
+    batch = OCCLUSION_BATCH.get(device.type, OCCLUSION_BATCH["cpu"])
     if device.type == "cpu" and map_bytes > 0:
         batch = min(batch, max(16, CPU_MAP_BUDGET // map_bytes))
     return batch

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from medxfer.commands import Command, register_command
-from medxfer.config import DatasetArg, RunSpec, SpecError
+from medxfer.config import DatasetArg, RunSpec, SpecError, yaml_problem
 from medxfer.presets import load_preset
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def _parse_assignments(items: list[str], flag: str) -> dict[str, dict[str, Any]]
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise SpecError(f"{flag} {item!r}: {key}: the value is not valid YAML ({problem})") from None
+            raise SpecError(f"{flag} {item!r}: {key}: the value is not valid YAML ({yaml_problem(exc)})") from None
         out.setdefault(group, {})[key] = parsed
     return out
 
